@@ -1,0 +1,1 @@
+"""Model side of mgff: backbones, the fusion head, the attention cropper and the zoo."""

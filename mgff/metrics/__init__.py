@@ -1,0 +1,1 @@
+"""torchmetrics metrics specific to fine-grained classification (box IoU, parent-level accuracy)."""

@@ -1,0 +1,29 @@
+"""Shared fixtures: a generated CUB-layout dataset written once per test session."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def cub_root(tmp_path_factory) -> Path:
+    """A small generated dataset in the exact CUB_200_2011 layout (4 classes x 12 images)."""
+    from data_modules.synthetic import SyntheticSpec, write_synthetic_cub
+
+    root = tmp_path_factory.mktemp("data") / "CUB_200_2011"
+    return write_synthetic_cub(root, SyntheticSpec(num_classes=4, images_per_class=12, min_side=96, max_side=128))
+
+
+@pytest.fixture
+def cub_copy(cub_root, tmp_path) -> Path:
+    """A private copy of :func:`cub_root` that a test may break."""
+    target = tmp_path / "CUB_200_2011"
+    shutil.copytree(cub_root, target)
+    return target

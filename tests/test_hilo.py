@@ -6,6 +6,16 @@ import torch.nn.functional as F
 from mgff.models.hilo import HiLo
 
 
+@pytest.fixture(autouse=True, scope='module')
+def _single_thread():
+    """One intra-op thread: on a shared 2-core machine OpenMP workers of tiny ops mostly wait for each
+    other (10x slower than one thread here); restored afterwards for the rest of the session."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def _heads_attention(q, k, v, num_heads, scale):
     """Plain softmax attention per head. q: (Nq, D), k/v: (Nk, D) -> (Nq, D)."""
     nq, d = q.shape

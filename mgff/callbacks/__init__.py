@@ -1,0 +1,5 @@
+"""Lightning callbacks of mgff: prediction CSVs, attention-map images."""
+
+from mgff.callbacks.prediction_writer import PredictionCSVWriter
+
+__all__ = ["PredictionCSVWriter"]

@@ -1,0 +1,72 @@
+"""The one LightningCLI of mgff, used by ``python -m mgff <subcommand>`` and ``python -m mgff.fit``.
+
+Configs are plain ``class_path``/``init_args`` YAML. Dataset facts (number of classes, class names)
+flow from the DataModule into the model by argument links, so they are never written twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
+
+import mgff.models.zoo  # noqa: F401  (registers the zoo's models with timm before any create_model)
+from mgff.callbacks.prediction_writer import PredictionCSVWriter
+
+TRAINER_DEFAULTS = {
+    "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs", "name": "mgff"}},
+}
+
+
+def setup_logging() -> None:
+    """Show mgff's own messages (pretrained keys, skipped images) on stderr."""
+    logger = logging.getLogger("mgff")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("[mgff] %(levelname)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
+class MGFFCLI(LightningCLI):
+    """LightningCLI with mgff's links and default callbacks.
+
+    - ``data.num_classes`` -> ``model.init_args.num_classes`` and ``data.class_names`` ->
+      ``model.init_args.class_names`` (applied when the DataModule is instantiated);
+    - ``checkpoint``: ``ModelCheckpoint`` keeping ``last.ckpt`` and the best by ``val/acc``
+      (override e.g. ``--checkpoint.save_top_k=3``);
+    - ``prediction_writer``: ``predict`` writes ``predictions.csv`` into the run directory;
+    - the saved ``config.yaml`` is overwritten (a requeued SLURM job reuses its run directory).
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        setup_logging()
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("trainer_defaults", TRAINER_DEFAULTS)
+        kwargs.setdefault("subclass_mode_model", True)
+        kwargs.setdefault("subclass_mode_data", True)
+        kwargs.setdefault("auto_configure_optimizers", False)
+        super().__init__(*args, **kwargs)
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
+        parser.link_arguments("data.class_names", "model.init_args.class_names", apply_on="instantiate")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults(
+            {
+                "checkpoint.monitor": "val/acc",
+                "checkpoint.mode": "max",
+                "checkpoint.save_last": True,
+                "checkpoint.filename": "best-epoch{epoch:03d}-acc{val/acc:.4f}",
+                "checkpoint.auto_insert_metric_name": False,
+            }
+        )
+        parser.add_lightning_class_args(PredictionCSVWriter, "prediction_writer")
+
+
+def main(args: list[str] | None = None) -> None:
+    """``python -m mgff fit|validate|test|predict --config ...``."""
+    MGFFCLI(args=args)

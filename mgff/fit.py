@@ -1,0 +1,62 @@
+"""``python -m mgff.fit --config experiments/<name>.yaml``: fit, test the best checkpoint once, report.
+
+The run: fit with checkpoints selected on the validation split; then the test split is evaluated
+once with the best checkpoint; the final metrics go to ``<run dir>/metrics.json`` and a one-line
+summary is printed. ``--ckpt_path`` resumes a stopped run from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from mgff.cli import MGFFCLI
+
+
+class FitCLI(MGFFCLI):
+    """The mgff CLI without subcommands, plus ``--ckpt_path`` to resume."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        super().add_arguments_to_parser(parser)
+        parser.add_argument("--ckpt_path", type=Optional[str], default=None, help="checkpoint to resume fitting from")
+
+
+def run(args: list[str] | None = None) -> dict[str, Any]:
+    """Fit, test the best checkpoint, write ``metrics.json``; return the metrics (on every rank)."""
+    cli = FitCLI(run=False, args=args)
+    trainer, model, datamodule = cli.trainer, cli.model, cli.datamodule
+    start = time.perf_counter()
+    trainer.fit(model, datamodule=datamodule, ckpt_path=cli.config.get("ckpt_path"))
+    fit_seconds = time.perf_counter() - start
+
+    checkpoint = trainer.checkpoint_callback
+    best_path = checkpoint.best_model_path if checkpoint is not None and checkpoint.best_model_path else None
+    tested = trainer.test(model, datamodule=datamodule, ckpt_path=best_path or None, verbose=False)
+    metrics: dict[str, Any] = {k: float(v) for k, v in (tested[0] if tested else {}).items()}
+    if checkpoint is not None and checkpoint.best_model_score is not None:
+        metrics["best_val/acc"] = float(checkpoint.best_model_score)
+    metrics.update(
+        {
+            "best_checkpoint": best_path,
+            "epochs": trainer.current_epoch,
+            "global_step": trainer.global_step,
+            "fit_seconds": round(fit_seconds, 1),
+            "num_classes": datamodule.num_classes,
+        }
+    )
+    run_dir = Path(trainer.log_dir or trainer.default_root_dir)
+    if trainer.is_global_zero:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        print(
+            f"mgff: test/acc={metrics.get('test/acc', float('nan')):.4f} "
+            f"best val/acc={metrics.get('best_val/acc', float('nan')):.4f} "
+            f"epochs={metrics['epochs']} fit={fit_seconds:.0f}s run_dir={run_dir}"
+        )
+    return metrics
+
+
+if __name__ == "__main__":
+    run()

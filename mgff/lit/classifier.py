@@ -1,0 +1,261 @@
+"""Single-stage fine-grained classifier: a timm backbone's stage maps -> a head (linear or MGFF).
+
+What to compute lives here; where data comes from is the DataModule's business. ``num_classes`` and
+``class_names`` are linked from the DataModule by the CLI, never written in a config.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Literal, Sequence
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy
+
+from mgff.lit.optim import build_optimizer, param_groups, warmup_cosine
+from mgff.models.backbone import TimmBackbone
+from mgff.models.fusion import MGFFHead
+from mgff.models.heads import HeadOutput, LinearHead
+
+log = logging.getLogger("mgff")
+
+# hyperparameters that fix the shape of the weights: a checkpoint must agree on them to load
+ARCHITECTURE_KEYS = ("backbone", "head", "num_classes", "stages", "fusion_dim", "attention", "use_attention", "use_se", "use_gcn", "graph_nodes")
+
+
+class FineGrainedClassifier(L.LightningModule):
+    """Backbone + head, trained with cross-entropy (+ the head's weighted auxiliary loss).
+
+    Args:
+        num_classes: number of classes (linked from ``data.num_classes``).
+        class_names: class names, index = label (linked from ``data.class_names``; used by predict).
+        backbone: any timm model name (Swin, ConvNeXt, ResNet, ViT, the mgff zoo's UniFormer/LiTv2...).
+        pretrained: ``True`` for timm's hub weights, a path for a local ``.safetensors``/``.pth`` file.
+        img_size: input size the backbone is built for (Swin/ViT need it when it is not their default).
+        backbone_kwargs: further timm ``create_model`` arguments (e.g. ``window_size``, ``drop_path_rate``).
+        stages: backbone stages fed to the head (``[1, 2, 3]``: the last three, as the paper's 4x4/2x2/1x1
+            convs; ``[0, 1, 2, 3]`` for all four). The linear head uses the last one.
+        head: ``mgff`` (multi-granularity fusion) or ``linear`` (norm + average pool + linear).
+        fusion_dim: width every stage is projected to.
+        attention: spatial attention of the fusion head: ``mhsa`` (relative position), ``hilo``, ``acmix``.
+        num_heads: heads of that attention.
+        use_attention / use_se / use_gcn: ablation switches of the fusion head.
+        se_reduction: squeeze-and-excitation reduction ``r``.
+        graph_nodes: ``concat`` (one node per position, scales concatenated) or ``per_scale``.
+        gcn_layers: number of GCN layers.
+        adjacency: ``similarity``, ``learned`` or ``both``.
+        pool: super-node pooling, ``mincut`` or ``diffpool``.
+        num_super_nodes: number of super-nodes ``K``.
+        dropout: dropout before the classifier.
+        aux_loss_weight: weight of the pooling's auxiliary losses in the training loss.
+        label_smoothing: cross-entropy label smoothing.
+        optimizer: ``sgd`` or ``adamw``.
+        lr: base learning rate (backbone).
+        head_lr_scale: the head's learning rate is ``lr * head_lr_scale``.
+        momentum / nesterov: SGD momentum.
+        weight_decay: weight decay (not on biases and norm weights).
+        warmup_epochs: linear warmup length in epochs (fractions allowed), then cosine decay per step.
+        min_lr_ratio: the cosine schedule ends at ``lr * min_lr_ratio``.
+        channels_last: run the backbone in channels-last memory format (faster convs on GPU).
+        compile: ``torch.compile`` the network's forward.
+    """
+
+    output_names: tuple[str, ...] = ("main",)
+
+    def __init__(
+        self,
+        num_classes: int,
+        class_names: list[str] | None = None,
+        backbone: str = "swin_base_patch4_window12_384",
+        pretrained: bool | str = False,
+        img_size: int | None = None,
+        backbone_kwargs: dict[str, Any] | None = None,
+        stages: Sequence[int] = (1, 2, 3),
+        head: Literal["mgff", "linear"] = "mgff",
+        fusion_dim: int = 256,
+        attention: Literal["mhsa", "hilo", "acmix"] = "mhsa",
+        num_heads: int = 8,
+        use_attention: bool = True,
+        use_se: bool = True,
+        se_reduction: int = 16,
+        use_gcn: bool = True,
+        graph_nodes: Literal["concat", "per_scale"] = "concat",
+        gcn_layers: int = 2,
+        adjacency: Literal["similarity", "learned", "both"] = "similarity",
+        pool: Literal["mincut", "diffpool"] = "mincut",
+        num_super_nodes: int = 8,
+        dropout: float = 0.1,
+        aux_loss_weight: float = 0.1,
+        label_smoothing: float = 0.0,
+        optimizer: Literal["sgd", "adamw"] = "sgd",
+        lr: float = 2e-4,
+        head_lr_scale: float = 1.0,
+        momentum: float = 0.9,
+        nesterov: bool = False,
+        weight_decay: float = 5e-4,
+        warmup_epochs: float = 0.0,
+        min_lr_ratio: float = 0.0,
+        channels_last: bool = False,
+        compile: bool = False,
+    ) -> None:
+        super().__init__()
+        if num_classes < 2:
+            raise ValueError(f"model.num_classes must be at least 2, got {num_classes}")
+        if class_names is not None and len(class_names) != num_classes:
+            raise ValueError(f"model.class_names has {len(class_names)} names for num_classes={num_classes}")
+        if head not in ("mgff", "linear"):
+            raise ValueError(f"model.head must be 'mgff' or 'linear', got {head!r}")
+        if optimizer not in ("sgd", "adamw"):
+            raise ValueError(f"model.optimizer must be 'sgd' or 'adamw', got {optimizer!r}")
+        self.save_hyperparameters()
+        self.backbone = TimmBackbone(
+            backbone, out_indices=tuple(stages), pretrained=pretrained, img_size=img_size, **(backbone_kwargs or {})
+        )
+        self.head = self.build_head(self.backbone.feature_channels, self.backbone.feature_reductions, num_classes)
+        self._compiled_net = None
+        # keys "<split>_<output>" ("train" alone would shadow nn.Module.train)
+        self.metrics = nn.ModuleDict(
+            {f"{split}_{name}": accuracy_metrics(num_classes) for split in ("train", "val", "test") for name in self.output_names}
+        )
+
+    # ----- network ------------------------------------------------------------------------------
+    def build_head(self, channels: Sequence[int], reductions: Sequence[int], num_classes: int) -> nn.Module:
+        """The classification head on the backbone's stage maps (linear or MGFF, from the hparams)."""
+        hp = self.hparams
+        if hp.head == "linear":
+            return LinearHead(channels, reductions, num_classes, dropout=hp.dropout)
+        return MGFFHead(
+            channels,
+            reductions,
+            num_classes,
+            dim=hp.fusion_dim,
+            attention=hp.attention,
+            num_heads=hp.num_heads,
+            use_attention=hp.use_attention,
+            use_se=hp.use_se,
+            se_reduction=hp.se_reduction,
+            use_gcn=hp.use_gcn,
+            nodes=hp.graph_nodes,
+            gcn_layers=hp.gcn_layers,
+            adjacency=hp.adjacency,
+            pool=hp.pool,
+            num_super_nodes=hp.num_super_nodes,
+            dropout=hp.dropout,
+        )
+
+    def classify(self, images: Tensor) -> HeadOutput:
+        """Backbone and head on ``images (B, 3, H, W)`` -> :class:`HeadOutput` (logits ``(B, C)``)."""
+        if self.hparams.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return self.head(self.backbone(images))
+
+    def forward(self, images: Tensor) -> HeadOutput:
+        if self.hparams.compile:
+            if self._compiled_net is None:
+                self._compiled_net = torch.compile(self.classify)
+            return self._compiled_net(images)
+        return self.classify(images)
+
+    def forward_outputs(self, images: Tensor) -> tuple[dict[str, Tensor], Tensor, dict[str, Tensor]]:
+        """All predictions of one batch: ``({name: logits (B, C)}, aux_loss, extras)``; ``main`` is the final one."""
+        out = self(images)
+        return {"main": out.logits}, out.aux_loss, {}
+
+    def loss_terms(self, logits: dict[str, Tensor], aux_loss: Tensor, labels: Tensor) -> dict[str, Tensor]:
+        """The weighted terms that sum to the training loss."""
+        terms = {"ce": F.cross_entropy(logits["main"], labels, label_smoothing=self.hparams.label_smoothing)}
+        if self.hparams.aux_loss_weight:
+            terms["aux"] = self.hparams.aux_loss_weight * aux_loss
+        return terms
+
+    # ----- steps --------------------------------------------------------------------------------
+    def _shared_step(self, batch: dict[str, Any], split: str) -> Tensor | None:
+        if not batch:  # every image of the batch was a skipped corrupt file
+            return None
+        labels = batch["label"]
+        logits, aux_loss, extras = self.forward_outputs(batch["image"])
+        terms = self.loss_terms(logits, aux_loss, labels)
+        loss = torch.stack(list(terms.values())).sum()
+        batch_size = labels.shape[0]
+        on_step = split == "train"
+        self.log(f"{split}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, sync_dist=not on_step, batch_size=batch_size)
+        if len(terms) > 1:
+            for name, value in terms.items():
+                self.log(f"{split}/loss_{name}", value, on_step=False, on_epoch=True, sync_dist=True, batch_size=batch_size)
+        for name, out in logits.items():
+            metrics = self.metrics[f"{split}_{name}"]
+            metrics.update(out.detach().float(), labels)
+            prefix = f"{split}/" if name == "main" else f"{split}/{name}_"
+            self.log_dict({prefix + k: m for k, m in metrics.items()}, on_step=False, on_epoch=True, prog_bar=name == "main" and split != "train", batch_size=batch_size)
+        self.log_extras(extras, batch, split)
+        return loss
+
+    def log_extras(self, extras: dict[str, Tensor], batch: dict[str, Any], split: str) -> None:
+        """Hook for subclasses to log metrics of their extra outputs (e.g. the cropper's boxes)."""
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
+        return self._shared_step(batch, "train")
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._shared_step(batch, "val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._shared_step(batch, "test")
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        """Per image: ``index``, ``path``, ``label`` (ground truth), ``pred`` and its ``prob``; plus extras."""
+        if not batch:
+            return {}
+        logits, _, extras = self.forward_outputs(batch["image"])
+        probs = logits["main"].float().softmax(dim=-1)
+        prob, pred = probs.max(dim=-1)
+        return {"index": batch["index"], "path": batch["path"], "label": batch["label"], "pred": pred, "prob": prob, **extras}
+
+    # ----- optimisation -------------------------------------------------------------------------
+    def optimizer_modules(self) -> list[tuple[nn.Module, float]]:
+        """``(module, lr)`` pairs to optimise; subclasses add theirs."""
+        hp = self.hparams
+        return [(self.backbone, hp.lr), (self.head, hp.lr * hp.head_lr_scale)]
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        optimizer = build_optimizer(hp.optimizer, param_groups(self.optimizer_modules(), hp.weight_decay), hp.lr, hp.momentum, hp.nesterov)
+        total = self.trainer.estimated_stepping_batches
+        steps_per_epoch = total / max(self.trainer.max_epochs or 1, 1)
+        factor = warmup_cosine(total, round(hp.warmup_epochs * steps_per_epoch), hp.min_lr_ratio)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ----- checkpoints --------------------------------------------------------------------------
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint of another architecture or class count with an error naming both."""
+        saved = checkpoint.get("hyper_parameters", {})
+        check_compatible_hparams(type(self).__name__, dict(self.hparams), saved)
+
+
+def accuracy_metrics(num_classes: int) -> MetricCollection:
+    """Top-1 and top-5 (or top-``C`` for fewer classes) accuracy, micro-averaged, reduced over ranks."""
+    return MetricCollection(
+        {
+            "acc": MulticlassAccuracy(num_classes, top_k=1, average="micro"),
+            "acc5": MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro"),
+        }
+    )
+
+
+def check_compatible_hparams(model_name: str, current: dict[str, Any], saved: dict[str, Any]) -> None:
+    """Raise ``ValueError`` naming every architecture hyperparameter on which a checkpoint differs."""
+    diffs = []
+    for key in ARCHITECTURE_KEYS:
+        if key in saved and key in current and _normalise(saved[key]) != _normalise(current[key]):
+            diffs.append(f"{key}: checkpoint {saved[key]!r} vs this model {current[key]!r}")
+    if diffs:
+        raise ValueError(f"checkpoint does not fit this {model_name}: " + "; ".join(diffs))
+
+
+def _normalise(value):
+    return list(value) if isinstance(value, (tuple, list)) else value

@@ -29,10 +29,19 @@ log = logging.getLogger("mgff")
 
 
 class Splits:
-    """The parsed splits of a dataset: samples per split and the class names (index = label)."""
+    """The parsed splits of a dataset: samples per split, the class names (index = label) and, for
+    datasets with a class hierarchy, each class's parent id (``class_parents[label]``)."""
 
-    def __init__(self, train: list[Sample], test: list[Sample], class_names: list[str], val: list[Sample] | None = None):
+    def __init__(
+        self,
+        train: list[Sample],
+        test: list[Sample],
+        class_names: list[str],
+        val: list[Sample] | None = None,
+        class_parents: list[int] | None = None,
+    ):
         self.train, self.test, self.val, self.class_names = train, test, val, class_names
+        self.class_parents = class_parents
 
 
 def stratified_split(labels: Sequence[int], fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -168,6 +177,12 @@ class FineGrainedDataModule(L.LightningDataModule):
     @property
     def class_names(self) -> list[str]:
         return list(self.splits.class_names)
+
+    @property
+    def class_parents(self) -> list[int] | None:
+        """Parent id of each class where the dataset has a hierarchy (NA-Birds), else ``None``."""
+        parents = self.splits.class_parents
+        return list(parents) if parents is not None else None
 
     def _check_root(self) -> None:
         if self.root is None or not self.root.is_dir():

@@ -34,8 +34,8 @@ def setup_logging() -> None:
 class MGFFCLI(LightningCLI):
     """LightningCLI with mgff's links and default callbacks.
 
-    - ``data.num_classes`` -> ``model.init_args.num_classes`` and ``data.class_names`` ->
-      ``model.init_args.class_names`` (applied when the DataModule is instantiated);
+    - ``data.num_classes``, ``data.class_names`` and ``data.class_parents`` -> the model's
+      ``num_classes``, ``class_names`` and ``class_parents`` (applied when the DataModule is instantiated);
     - ``checkpoint``: ``ModelCheckpoint`` keeping ``last.ckpt`` and the best by ``val/acc``
       (override e.g. ``--checkpoint.save_top_k=3``);
     - ``prediction_writer``: ``predict`` writes ``predictions.csv`` into the run directory;
@@ -54,6 +54,7 @@ class MGFFCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
         parser.link_arguments("data.class_names", "model.init_args.class_names", apply_on="instantiate")
+        parser.link_arguments("data.class_parents", "model.init_args.class_parents", apply_on="instantiate")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults(
             {

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
+from mgff.metrics.parent_accuracy import ParentAccuracy
 from mgff.lit.optim import build_optimizer, param_groups, warmup_cosine
 from mgff.models.backbone import TimmBackbone
 from mgff.models.fusion import MGFFHead
@@ -33,6 +34,8 @@ class FineGrainedClassifier(L.LightningModule):
     Args:
         num_classes: number of classes (linked from ``data.num_classes``).
         class_names: class names, index = label (linked from ``data.class_names``; used by predict).
+        class_parents: parent id of each class (linked from ``data.class_parents`` where the dataset has a
+            hierarchy, e.g. NA-Birds); adds ``<split>/parent_acc``.
         backbone: any timm model name (Swin, ConvNeXt, ResNet, ViT, the mgff zoo's UniFormer/LiTv2...).
         pretrained: ``True`` for timm's hub weights, a path for a local ``.safetensors``/``.pth`` file.
         img_size: input size the backbone is built for (Swin/ViT need it when it is not their default).
@@ -70,6 +73,7 @@ class FineGrainedClassifier(L.LightningModule):
         self,
         num_classes: int,
         class_names: list[str] | None = None,
+        class_parents: list[int] | None = None,
         backbone: str = "swin_base_patch4_window12_384",
         pretrained: bool | str = False,
         img_size: int | None = None,
@@ -116,10 +120,12 @@ class FineGrainedClassifier(L.LightningModule):
             backbone, out_indices=tuple(stages), pretrained=pretrained, img_size=img_size, **(backbone_kwargs or {})
         )
         self.head = self.build_head(self.backbone.feature_channels, self.backbone.feature_reductions, num_classes)
+        if class_parents is not None and len(class_parents) != num_classes:
+            raise ValueError(f"model.class_parents has {len(class_parents)} entries for num_classes={num_classes}")
         self._compiled_net = None
         # keys "<split>_<output>" ("train" alone would shadow nn.Module.train)
         self.metrics = nn.ModuleDict(
-            {f"{split}_{name}": accuracy_metrics(num_classes) for split in ("train", "val", "test") for name in self.output_names}
+            {f"{split}_{name}": accuracy_metrics(num_classes, class_parents) for split in ("train", "val", "test") for name in self.output_names}
         )
 
     # ----- network ------------------------------------------------------------------------------
@@ -237,14 +243,16 @@ class FineGrainedClassifier(L.LightningModule):
         check_compatible_hparams(type(self).__name__, dict(self.hparams), saved)
 
 
-def accuracy_metrics(num_classes: int) -> MetricCollection:
-    """Top-1 and top-5 (or top-``C`` for fewer classes) accuracy, micro-averaged, reduced over ranks."""
-    return MetricCollection(
-        {
-            "acc": MulticlassAccuracy(num_classes, top_k=1, average="micro"),
-            "acc5": MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro"),
-        }
-    )
+def accuracy_metrics(num_classes: int, class_parents: Sequence[int] | None = None) -> MetricCollection:
+    """Top-1 and top-5 (or top-``C`` for fewer classes) accuracy, micro-averaged, reduced over ranks;
+    plus ``parent_acc`` when the classes have parents."""
+    metrics = {
+        "acc": MulticlassAccuracy(num_classes, top_k=1, average="micro"),
+        "acc5": MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro"),
+    }
+    if class_parents is not None:
+        metrics["parent_acc"] = ParentAccuracy(class_parents)
+    return MetricCollection(metrics)
 
 
 def check_compatible_hparams(model_name: str, current: dict[str, Any], saved: dict[str, Any]) -> None:

@@ -1,0 +1,98 @@
+"""GCN + super-node pooling: adjacencies, pooling against torch-geometric's dense ops, losses."""
+
+import pytest
+import torch
+from torch_geometric.nn.dense import dense_diff_pool, dense_mincut_pool
+from torch_geometric.utils import grid, to_dense_adj
+
+from mgff.models.graph import GraphPooling, LearnedGridAdjacency, similarity_adjacency
+
+
+def test_similarity_adjacency_is_a_symmetric_knn_graph():
+    torch.manual_seed(0)
+    adj = similarity_adjacency(torch.randn(2, 20, 8), top_k=3)
+    assert adj.shape == (2, 20, 20)
+    assert torch.equal(adj, adj.transpose(1, 2))
+    assert (adj >= 0).all() and (adj.diagonal(dim1=1, dim2=2) == 0).all()
+    neighbours = (adj > 0).sum(-1)
+    assert neighbours.max() < 20  # sparse: not every pair is linked
+
+
+def test_similarity_adjacency_links_identical_nodes():
+    x = torch.tensor([[[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]])
+    adj = similarity_adjacency(x, top_k=None)
+    assert adj[0, 0, 1] == pytest.approx(1.0) and adj[0, 0, 2] == 0
+
+
+def test_learned_adjacency_starts_as_the_grid_graph():
+    height, width = 3, 4
+    edge_index, _ = grid(height, width)  # 8-neighbour grid graph with self-loops
+    expected = to_dense_adj(edge_index, max_num_nodes=height * width)[0] > 0
+    adj = LearnedGridAdjacency(num_scales=1, max_grid=6)(height, width)
+    assert adj.shape == (12, 12)
+    assert torch.equal(adj > 0.5, expected)
+
+
+def test_learned_adjacency_links_the_same_position_across_scales():
+    adj = LearnedGridAdjacency(num_scales=2, max_grid=4)(2, 3)
+    assert adj.shape == (12, 12)
+    assert torch.allclose(adj, adj.T)
+    assert adj[0, 6] > 0.5  # node (scale 0, 0, 0) and (scale 1, 0, 0)
+    assert torch.equal(adj[:6, :6], adj[6:, 6:])
+
+
+@pytest.mark.parametrize("pool, reference", [("mincut", dense_mincut_pool), ("diffpool", dense_diff_pool)])
+@pytest.mark.parametrize("adjacency", ["similarity", "learned", "both"])
+def test_pooling_matches_torch_geometric_and_returns_both_losses(pool, reference, adjacency):
+    torch.manual_seed(0)
+    module = GraphPooling(16, 12, num_layers=2, num_super_nodes=4, pool=pool, adjacency=adjacency, max_grid=8)
+    module.eval()
+    x = torch.randn(2, 3 * 4, 16)
+    pooled, aux_loss, assignment = module(x, grid_size=(3, 4))
+    assert pooled.shape == (2, 4, 12) and assignment.shape == (2, 12, 4)
+    torch.testing.assert_close(assignment.sum(-1), torch.ones(2, 12))
+
+    adj = module.build_adjacency(x, (3, 4))
+    h = x
+    for conv in module.convs:
+        h = module.act(conv(h, adj))
+    expected, _, loss_a, loss_b = reference(h, adj, module.assign(h))
+    torch.testing.assert_close(pooled, expected)
+    torch.testing.assert_close(aux_loss, loss_a + loss_b)
+    assert torch.isfinite(aux_loss)
+
+
+def test_aux_loss_alone_trains_the_assignment_and_the_gcn():
+    module = GraphPooling(16, 12, num_super_nodes=4, adjacency="both")
+    _, aux_loss, _ = module(torch.randn(2, 9, 16), grid_size=(3, 3))
+    aux_loss.backward()
+    assert module.assign.weight.grad.abs().sum() > 0
+    assert module.convs[0].lin.weight.grad.abs().sum() > 0
+    assert module.learned_adjacency.offset_logits.grad.abs().sum() > 0
+
+
+def test_per_scale_nodes_with_learned_adjacency():
+    module = GraphPooling(8, 8, num_super_nodes=3, adjacency="learned", num_scales=3, max_grid=4)
+    pooled, _, assignment = module(torch.randn(2, 3 * 2 * 2, 8), grid_size=(2, 2))
+    assert pooled.shape == (2, 3, 8) and assignment.shape == (2, 12, 3)
+
+
+def test_learned_adjacency_needs_the_grid():
+    module = GraphPooling(8, 8, adjacency="learned")
+    with pytest.raises(ValueError, match="grid_size"):
+        module(torch.randn(1, 9, 8))
+    with pytest.raises(ValueError, match="do not fit"):
+        module(torch.randn(1, 10, 8), grid_size=(3, 3))
+
+
+def test_similarity_graph_has_no_parameters():
+    module = GraphPooling(8, 8, adjacency="similarity")
+    assert module.learned_adjacency is None
+    pooled, _, _ = module(torch.randn(1, 7, 8))  # any number of nodes, no grid needed
+    assert pooled.shape == (1, 8, 8)
+
+
+@pytest.mark.parametrize("kwargs", [dict(pool="topk"), dict(adjacency="full"), dict(num_layers=0)])
+def test_bad_options_are_errors(kwargs):
+    with pytest.raises(ValueError):
+        GraphPooling(8, 8, **kwargs)

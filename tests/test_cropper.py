@@ -1,5 +1,3 @@
-import math
-
 import numpy as np
 import pytest
 import scipy.ndimage
@@ -193,9 +191,10 @@ def test_blob_gives_box_around_it():
     torch.testing.assert_close(boxes_from_response_map(maps), torch.tensor([[30., 10., 45., 20.]]))
 
 
-def test_box_is_pixel_exact_when_labelled_at_lower_resolution():
+@pytest.mark.parametrize('label_size', [32, (8, 6), 1000])
+def test_box_is_pixel_exact_when_labelled_at_lower_resolution(label_size):
     maps = blob_maps(200, 150, blobs=[(0, (41, 90, 17, 60, 1.0)), (0, (150, 160, 100, 110, 0.8))])
-    boxes = boxes_from_response_map(maps, label_size=32)
+    boxes = boxes_from_response_map(maps, label_size=label_size)
     torch.testing.assert_close(boxes, torch.tensor([[17., 41., 60., 90.]]))
 
 
@@ -353,7 +352,8 @@ def test_cropper_localises_at_another_size_and_maps_boxes_back():
     # the token covers y in [32, 64), x in [48, 72) of the input: the box centres there
     centre = (out.boxes[:, :2] + out.boxes[:, 2:]) / 2
     torch.testing.assert_close(centre, torch.tensor([[60., 48.]] * 2), atol=1.0, rtol=0)
-    torch.testing.assert_close(out.boxes, boxes_from_response_map(out.response, padding=0.0, min_size=0.0))
+    torch.testing.assert_close(out.boxes, boxes_from_response_map(out.response, padding=0.0, min_size=0.0,
+                                                                  label_size=(4, 4)))
     x1, y1, x2, y2 = out.boxes[0].round().long().tolist()
     assert x2 - x1 < 96 and y2 - y1 < 96  # enlarged: one bilinear sample per output pixel
     manual = F.interpolate(images[:1, :, y1:y2, x1:x2], size=(96, 96), mode='bilinear', align_corners=False)
@@ -410,6 +410,7 @@ def test_cropper_loads_local_pretrained_file(tmp_path, suffix):
     (dict(discard_ratio=1.0), 'discard_ratio'),
     (dict(freeze=False), 'num_classes'),
     (dict(localize_size=32), 'localize_size'),  # conflicts with img_size=64 in TINY
+    (dict(img_size=72), 'localize_size'),       # not a multiple of the 16-pixel patches
 ])
 def test_bad_arguments_name_themselves(kwargs, argument):
     with pytest.raises(ValueError, match=argument):

@@ -32,8 +32,8 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from mgff.models.pretrained import create_timm_model
 
 __all__ = [
-    'HEAD_FUSIONS', 'IMPORTANCE_METHODS', 'BOX_MODES',
-    'attention_with_probabilities', 'forward_with_attention', 'collect_attention', 'token_grid',
+    'HEAD_FUSIONS', 'IMPORTANCE_METHODS', 'BOX_MODES', 'LAYER_FUSIONS',
+    'check_supported_vit', 'attention_with_probabilities', 'forward_with_attention', 'collect_attention', 'token_grid',
     'fuse_heads', 'attention_rollout', 'column_sum_importance', 'response_map',
     'connected_components', 'boxes_from_response_map', 'crop_and_resize',
     'CropOutput', 'AttentionCropper',
@@ -377,17 +377,18 @@ def boxes_from_response_map(
         padding: float = 0.0,
         min_size: float = 0.0,
         connectivity: int = 8,
-        label_size: int = 64,
+        label_size: int | tuple[int, int] = 32,
 ) -> Tensor:
     """One object box per response map, all images at once.
 
     1. Threshold: a pixel is foreground where ``map >= t``, with ``t`` the image's mean
        (``'mean'``) or its ``threshold``-quantile (a float in ``(0, 1)``, nearest rank).
     2. Box: ``'all'`` boxes every foreground pixel; ``'largest'`` boxes the largest connected
-       region (:func:`connected_components`). Regions are labelled on the map average-pooled to
-       at most ``label_size`` pixels a side (response maps are upsampled token grids, so little
-       is lost) and the chosen region is brought back to full resolution, intersected with the
-       full-resolution foreground, before boxing, so the box edges stay pixel-accurate.
+       region (:func:`connected_components`). Regions are labelled on the map average-pooled
+       down to ``label_size`` (labelling costs area times region length, and a response map is
+       an upsampled token grid, so its grid loses little); the chosen region is brought back to
+       full resolution and intersected with the full-resolution foreground before boxing, so
+       the box edges stay pixel-accurate.
     3. Padding: each side grows by ``padding`` times the box's width (left/right) or height
        (top/bottom); the box is then clipped to the image.
     4. Minimum size: width and height grow to at least ``min_size`` times the image's, around
@@ -402,7 +403,8 @@ def boxes_from_response_map(
         padding: ``>= 0``, fraction of the box size added on each side.
         min_size: in ``[0, 1]``, fraction of the image side.
         connectivity: 4 or 8, for ``'largest'``.
-        label_size: ``>= 1``, longest side of the map the regions are labelled on.
+        label_size: ``(h, w)`` grid the regions are labelled on (e.g. the token grid), or an
+            int: the longest side, keeping the aspect ratio. Never upsampled.
 
     Returns:
         ``(B, 4)`` float32 ``(x1, y1, x2, y2)`` in pixels of the maps, ``0 <= x1 < x2 <= W``.
@@ -414,7 +416,7 @@ def boxes_from_response_map(
         raise ValueError(f'padding must be >= 0, got {padding}')
     if not 0.0 <= min_size <= 1.0:
         raise ValueError(f'min_size must lie in [0, 1], got {min_size}')
-    if label_size < 1:
+    if min(label_size if isinstance(label_size, tuple) else (label_size,)) < 1:
         raise ValueError(f'label_size must be >= 1, got {label_size}')
     maps = maps.to(torch.float32)  # pixel coordinates and quantiles want float32, not bf16
     batch, height, width = maps.shape
@@ -430,10 +432,12 @@ def boxes_from_response_map(
     foreground = maps >= cut
 
     if box_mode == 'largest':
-        scale = label_size / max(height, width)
-        if scale < 1:
-            small_size = (max(1, round(height * scale)), max(1, round(width * scale)))
-            small = F.adaptive_avg_pool2d(maps.unsqueeze(1), small_size).squeeze(1) >= cut
+        if isinstance(label_size, int):
+            scale = min(1.0, label_size / max(height, width))
+            label_size = (max(1, round(height * scale)), max(1, round(width * scale)))
+        label_size = (min(label_size[0], height), min(label_size[1], width))
+        if label_size != (height, width):
+            small = F.adaptive_avg_pool2d(maps.unsqueeze(1), label_size).squeeze(1) >= cut
         else:
             small = foreground
         labels = connected_components(small, connectivity)
@@ -595,6 +599,11 @@ class AttentionCropper(nn.Module):
         except TypeError as error:
             raise ValueError(f'model_name={model_name!r} is not a supported ViT: {error}') from None
         self.localize_size = tuple(self.vit.patch_embed.img_size)
+        patch_size = tuple(self.vit.patch_embed.patch_size)
+        if any(side % patch for side, patch in zip(self.localize_size, patch_size)):
+            # the patch embedding would silently drop the remainder, shifting the map
+            raise ValueError(f'localize_size (the ViT img_size) {self.localize_size} must be a '
+                             f'multiple of the patch size {patch_size}')
         self.grid = token_grid(self.vit, self.localize_size)
         self.num_classes = num_classes
         self.out_size = out_size
@@ -642,8 +651,10 @@ class AttentionCropper(nn.Module):
         with torch.no_grad(), torch.autocast(device_type=images.device.type, enabled=False):
             importance = self.importance(attention.detach().float())
             response = response_map(importance, self.grid, (height, width))
-            boxes = boxes_from_response_map(response, self.threshold, self.box_mode,
-                                            self.padding, self.min_size)
+            # regions are labelled on the token grid: the map holds no finer structure, and the
+            # labelling's cost grows with the area times the regions' length
+            boxes = boxes_from_response_map(response, self.threshold, self.box_mode, self.padding,
+                                            self.min_size, label_size=self.grid)
         crops = crop_and_resize(images, boxes, self.out_size)
         return CropOutput(crops, boxes, response, logits)
 

@@ -66,7 +66,7 @@ class HiLo(nn.Module):
         self.head_dim = dim // num_heads
         self.ws = window_size
         self.scale = qk_scale or self.head_dim ** -0.5
-        self.attn_drop = attn_drop
+        self.attn_drop_p = attn_drop
 
         if window_size == 1:
             # a 1x1 window holds one token: Hi-Fi would be a no-op attention and Lo-Fi pools nothing,
@@ -116,7 +116,7 @@ class HiLo(nn.Module):
             mask = self._window_key_mask(H, W, Hp, Wp, x.device)
             mask = mask.expand(B, -1, -1, -1, -1).reshape(B * hg * wg, 1, 1, ws * ws)
         out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.attn_drop if self.training else 0., scale=self.scale)
+            q, k, v, attn_mask=mask, dropout_p=self.attn_drop_p if self.training else 0., scale=self.scale)
 
         # (B*hg*wg, heads, s*s, hd) -> (B, Hp, Wp, h_dim), then drop the padding
         out = out.reshape(B, hg, wg, heads, ws, ws, hd).permute(0, 1, 4, 2, 5, 3, 6)
@@ -139,7 +139,7 @@ class HiLo(nn.Module):
         k, v = self.l_kv(kv_tokens).reshape(B, -1, 2, heads, hd).permute(2, 0, 3, 1, 4).unbind(0)
 
         out = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.attn_drop if self.training else 0., scale=self.scale)
+            q, k, v, dropout_p=self.attn_drop_p if self.training else 0., scale=self.scale)
         out = out.transpose(1, 2).reshape(B, H, W, self.l_dim)
         return self.proj_drop(self.l_proj(out))
 

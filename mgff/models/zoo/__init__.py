@@ -2,6 +2,10 @@
 
 * UniFormer: ``uniformer_small``, ``uniformer_small_plus``, ``uniformer_small_plus_dim64``,
   ``uniformer_base``, ``uniformer_base_ls``
+* LiTv2: ``litv2_s``, ``litv2_m``, ``litv2_b``
 """
-from . import uniformer
+from . import litv2, uniformer
+from .litv2 import LiTv2
 from .uniformer import UniFormer
+
+__all__ = ['LiTv2', 'UniFormer']

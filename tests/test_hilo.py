@@ -1,7 +1,6 @@
 """HiLo attention against naive references written out loop by loop."""
 import pytest
 import torch
-import torch.nn.functional as F
 
 from mgff.models.hilo import HiLo
 

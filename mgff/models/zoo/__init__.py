@@ -4,7 +4,7 @@
   ``uniformer_base``, ``uniformer_base_ls``
 * LiTv2: ``litv2_s``, ``litv2_m``, ``litv2_b``
 """
-from . import litv2, uniformer
+from . import litv2, uniformer  # noqa: F401  (importing registers the models with timm)
 from .litv2 import LiTv2
 from .uniformer import UniFormer
 

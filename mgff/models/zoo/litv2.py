@@ -17,9 +17,8 @@ HiLo want. Parameter names follow the official code (``patch_embed``, ``layers.i
 ``layers.i.downsample`` at the end of stage i, ``norm``, ``head``) so its checkpoints load with no
 missing or unexpected keys.
 """
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
-
 import math
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn

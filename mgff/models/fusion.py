@@ -1,0 +1,222 @@
+"""The paper's multi-granularity feature fusion (MGFF) head.
+
+Fine-grained differences sit in small regions that the coarsest backbone stage blurs, so the head
+fuses several stages (granularities) of the backbone:
+
+1. **align**: each selected map goes through a strided conv (kernel = stride = its reduction ratio to
+   the coarsest map) and a LayerNorm2d, so all maps share the coarsest grid and width ``dim``
+   (Swin-B at 384: 48x48, 24x24, 12x12 with 4x4, 2x2, 1x1 kernels -> 12x12);
+2. **spatial attention** per map over its grid tokens (pre-norm, residual): the paper's MHSA with a
+   relative position bias, or HiLo / ACmix;
+3. **channel attention** per map: squeeze-and-excitation;
+4. **graph nodes**: ``concat`` stacks the maps along channels (one node per grid position, ``F =
+   S * dim``); ``per_scale`` makes every scale's positions separate nodes (``N = S * H * W``);
+5. **GCN** layers relate the nodes; 6. **pooling** into ``K`` super-nodes (auxiliary losses);
+7. **classify**: mean over the super-nodes, dropout, linear.
+
+Steps 2, 3 and 5-6 can each be switched off for ablations; a switched-off step has no module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from timm.layers import LayerNorm2d, SEModule, trunc_normal_
+from torch import Tensor, nn
+
+from mgff.models.attention import build_spatial_attention
+from mgff.models.graph import GraphPooling
+from mgff.models.heads import HeadOutput
+
+__all__ = ["MGFFHead"]
+
+NODE_MODES = ("concat", "per_scale")
+
+
+class MGFFHead(nn.Module):
+    """Multi-granularity feature fusion head on a list of backbone maps.
+
+    Args:
+        in_channels: channels ``C_i`` of each backbone map (all maps given are fused).
+        reductions: reduction ``r_i`` of each map; every ``r_i`` divides the largest.
+        num_classes: number of classes.
+        dim: width of the aligned maps.
+        attention: spatial attention kind, ``mhsa`` | ``hilo`` | ``acmix``.
+        num_heads: heads of the spatial attention (divides ``dim``).
+        use_attention: step 2 on/off.
+        use_se: step 3 on/off.
+        se_reduction: SE bottleneck ratio ``r`` (``dim / r`` hidden units).
+        use_gcn: steps 5-6 on/off; off: mean over the nodes, no auxiliary loss.
+        nodes: ``concat`` or ``per_scale`` (step 4).
+        gcn_layers: GCN layers.
+        gcn_dim: GCN and super-node width (default ``dim``).
+        adjacency: ``similarity`` | ``learned`` | ``both`` (see :mod:`mgff.models.graph`).
+        pool: ``mincut`` | ``diffpool``.
+        num_super_nodes: ``K``.
+        dropout: dropout after the GCN layers and before the classifier.
+        max_grid: largest grid side of the aligned maps (relative position tables).
+
+    Shapes:
+        ``forward([(B, C_i, H_i, W_i), ...]) -> HeadOutput(logits (B, num_classes), aux_loss (),
+        assignment (B, N, K) or None)`` with ``N = H * W`` (concat) or ``S * H * W`` (per_scale) on
+        the coarsest grid ``H x W``.
+    """
+
+    def __init__(
+        self,
+        in_channels: Sequence[int],
+        reductions: Sequence[int],
+        num_classes: int,
+        dim: int = 256,
+        attention: str = "mhsa",
+        num_heads: int = 8,
+        use_attention: bool = True,
+        use_se: bool = True,
+        se_reduction: int = 16,
+        use_gcn: bool = True,
+        nodes: str = "concat",
+        gcn_layers: int = 2,
+        gcn_dim: int | None = None,
+        adjacency: str = "similarity",
+        pool: str = "mincut",
+        num_super_nodes: int = 8,
+        dropout: float = 0.1,
+        max_grid: int = 32,
+    ) -> None:
+        super().__init__()
+        if len(in_channels) != len(reductions) or not in_channels:
+            raise ValueError(f"need one reduction per map, got {in_channels} and {reductions}")
+        if nodes not in NODE_MODES:
+            raise ValueError(f"unknown nodes mode {nodes!r}; choose one of {NODE_MODES}")
+        coarsest = max(reductions)
+        if any(coarsest % r for r in reductions):
+            raise ValueError(f"reductions {list(reductions)} must all divide the largest")
+        num_scales = len(in_channels)
+        self.nodes = nodes
+        self.coarsest_index = list(reductions).index(coarsest)
+
+        # 1. align every map to the coarsest grid and width dim.
+        self.align = nn.ModuleList(
+            nn.Sequential(
+                nn.Conv2d(c, dim, kernel_size=coarsest // r, stride=coarsest // r),
+                LayerNorm2d(dim),
+            )
+            for c, r in zip(in_channels, reductions)
+        )
+        # 2. spatial attention, one per map (each granularity attends in its own way).
+        if use_attention:
+            kwargs = {"max_grid": max_grid} if attention == "mhsa" else {}
+            self.attention_norm = nn.ModuleList(nn.LayerNorm(dim) for _ in in_channels)
+            self.attention = nn.ModuleList(
+                build_spatial_attention(attention, dim, num_heads, **kwargs) for _ in in_channels
+            )
+        else:
+            self.attention_norm = self.attention = None
+        # 3. channel attention, one per map.
+        self.se = (
+            nn.ModuleList(SEModule(dim, rd_ratio=1.0 / se_reduction) for _ in in_channels)
+            if use_se
+            else None
+        )
+        # 4-6. nodes, GCN, pooling.
+        node_dim = num_scales * dim if nodes == "concat" else dim
+        if use_gcn:
+            out_dim = gcn_dim or dim
+            self.graph = GraphPooling(
+                node_dim,
+                out_dim,
+                num_layers=gcn_layers,
+                num_super_nodes=num_super_nodes,
+                pool=pool,
+                adjacency=adjacency,
+                num_scales=num_scales if nodes == "per_scale" else 1,
+                max_grid=max_grid,
+                dropout=dropout,
+            )
+        else:
+            out_dim, self.graph = node_dim, None
+        # 7. classify.
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(out_dim, num_classes)
+        trunc_normal_(self.classifier.weight, std=0.02)
+        nn.init.zeros_(self.classifier.bias)
+
+    def enhance(self, features: Sequence[Tensor], record: dict | None = None) -> list[Tensor]:
+        """Steps 1-3: ``[(B, C_i, H_i, W_i)] -> [(B, dim, H, W)]`` on the coarsest grid ``H x W``.
+
+        ``record``, when given, receives the intermediate maps for visualisation.
+        """
+        if len(features) != len(self.align):
+            raise ValueError(f"expected {len(self.align)} maps, got {len(features)}")
+        maps = [align(f) for align, f in zip(self.align, features)]
+        grid = maps[self.coarsest_index].shape[-2:]
+        # Sizes that the reductions do not divide (e.g. 13x13 -> 3x3 next to a 4x4 coarsest map)
+        # leave a map a pixel off the coarsest grid: pool it onto that grid.
+        maps = [m if m.shape[-2:] == grid else F.adaptive_avg_pool2d(m, grid) for m in maps]
+        if record is not None:
+            record["aligned"] = list(maps)
+            record["attention"] = []
+        if self.attention is not None:
+            enhanced = []
+            for norm, attention, m in zip(self.attention_norm, self.attention, maps):
+                x = m.permute(0, 2, 3, 1)  # (B, H, W, dim)
+                normed = norm(x)
+                x = x + attention(normed)
+                enhanced.append(x.permute(0, 3, 1, 2))
+                if record is not None:
+                    get_map = getattr(attention, "attention_map", None)
+                    record["attention"].append(get_map(normed) if get_map else None)
+            maps = enhanced
+        if self.se is not None:
+            maps = [se(m) for se, m in zip(self.se, maps)]
+        if record is not None:
+            record["enhanced"] = list(maps)
+        return maps
+
+    def to_nodes(self, maps: Sequence[Tensor]) -> Tensor:
+        """Step 4: ``S`` maps ``(B, dim, H, W)`` -> nodes ``(B, H*W, S*dim)`` (concat) or
+        ``(B, S*H*W, dim)`` (per_scale, ordered scale, row, column)."""
+        if self.nodes == "concat":
+            return torch.cat(list(maps), dim=1).flatten(2).transpose(1, 2)
+        b, c, h, w = maps[0].shape
+        stacked = torch.stack(list(maps), dim=1)  # (B, S, dim, H, W)
+        return stacked.permute(0, 1, 3, 4, 2).reshape(b, len(maps) * h * w, c)
+
+    def _classify(self, maps: list[Tensor]) -> tuple[HeadOutput, Tensor]:
+        nodes = self.to_nodes(maps)
+        if self.graph is not None:
+            super_nodes, aux_loss, assignment = self.graph(nodes, tuple(maps[0].shape[-2:]))
+            pooled = super_nodes.mean(dim=1)
+        else:
+            pooled, assignment = nodes.mean(dim=1), None
+        logits = self.classifier(self.dropout(pooled))
+        if self.graph is None:
+            aux_loss = logits.new_zeros(())
+        return HeadOutput(logits, aux_loss, assignment), nodes
+
+    def forward(self, features: Sequence[Tensor]) -> HeadOutput:
+        output, _ = self._classify(self.enhance(features))
+        return output
+
+    def forward_details(self, features: Sequence[Tensor]) -> dict:
+        """Forward pass that keeps what visualisation notebooks show.
+
+        Returns a dict with ``output`` (the :class:`HeadOutput`), ``aligned`` and ``enhanced`` (lists
+        of ``(B, dim, H, W)`` per scale, after step 1 and after steps 2-3), ``attention`` (per scale:
+        ``(B, heads, H*W, H*W)`` softmax weights for ``mhsa``, ``None`` for kinds without one global
+        map; empty without attention), ``nodes`` (``(B, N, F)``), ``assignment`` (``(B, N, K)`` or
+        ``None``) and ``grid`` (``(H, W)``).
+        """
+        record: dict = {}
+        maps = self.enhance(features, record)
+        output, nodes = self._classify(maps)
+        record.update(
+            output=output,
+            nodes=nodes,
+            assignment=output.assignment,
+            grid=tuple(maps[0].shape[-2:]),
+        )
+        return record
+

@@ -1,0 +1,188 @@
+"""MGFF head (and the linear baseline head) on real backbones: shapes, gradients, ablations,
+node modes, pooling and attention choices, visualisation details, torch.compile, bf16 autocast."""
+
+import pytest
+import torch
+
+from mgff.models.backbone import TimmBackbone
+from mgff.models.fusion import MGFFHead
+from mgff.models.heads import HeadOutput, LinearHead
+
+TINY_SWIN = dict(window_size=6, embed_dim=24, depths=(1, 1, 2, 1), num_heads=(1, 2, 3, 4))
+SMALL_HEAD = dict(dim=32, num_heads=4, num_super_nodes=4)
+NUM_CLASSES = 5
+
+
+def tiny_swin(image_size=96):
+    return TimmBackbone("swin_base_patch4_window12_384", img_size=image_size, **TINY_SWIN)
+
+
+@pytest.fixture(scope="module")
+def swin_features():
+    """Tiny Swin stage maps at 96 px: (2, 48, 12, 12), (2, 96, 6, 6), (2, 192, 3, 3)."""
+    torch.manual_seed(0)
+    backbone = tiny_swin()
+    with torch.no_grad():
+        return backbone(torch.randn(2, 3, 96, 96)), backbone.feature_channels, backbone.feature_reductions
+
+
+def make_head(swin_features, **kwargs):
+    _, channels, reductions = swin_features
+    return MGFFHead(channels, reductions, NUM_CLASSES, **{**SMALL_HEAD, **kwargs})
+
+
+def assert_all_have_gradients(module, what, allow_zero=False):
+    """Every parameter is on the loss's graph (and, unless allow_zero, gets a non-zero gradient)."""
+    missing = [n for n, p in module.named_parameters() if p.grad is None or not (allow_zero or p.grad.any())]
+    assert not missing, f"{what} parameters without gradient: {missing}"
+
+
+@pytest.mark.parametrize(
+    "make_backbone, image_size",
+    [
+        (tiny_swin, 96),
+        (lambda: tiny_swin(192), 192),
+        (lambda: TimmBackbone("resnet18", out_indices=(-3, -2, -1)), 64),
+        (lambda: TimmBackbone("convnext_atto"), 64),
+        (lambda: TimmBackbone("test_vit", out_indices=(-1,), img_size=64), 64),
+    ],
+    ids=["swin96", "swin192", "resnet18", "convnext_atto", "vit"],
+)
+def test_gradients_reach_the_backbone_and_every_head_parameter(make_backbone, image_size):
+    backbone = make_backbone()
+    head = MGFFHead(backbone.feature_channels, backbone.feature_reductions, NUM_CLASSES, **SMALL_HEAD)
+    out = head(backbone(torch.randn(2, 3, image_size, image_size)))
+    assert isinstance(out, HeadOutput)
+    assert out.logits.shape == (2, NUM_CLASSES)
+    grid = image_size // max(backbone.feature_reductions)
+    assert out.assignment.shape == (2, grid * grid, SMALL_HEAD["num_super_nodes"])
+    assert out.aux_loss.shape == () and torch.isfinite(out.aux_loss)
+    (out.logits.square().mean() + out.aux_loss).backward()
+    assert_all_have_gradients(head, "head")
+    # timm zero-initialises the last norm of residual blocks, so the branch inside gets zero gradient
+    assert_all_have_gradients(backbone, "backbone", allow_zero=True)
+    assert any(p.grad.any() for p in backbone.parameters())
+
+
+def test_one_head_serves_several_grid_sizes():
+    # per_scale nodes with learned adjacency and MHSA: every table is indexed from the grid.
+    small, large = tiny_swin(96), tiny_swin(192)
+    head = MGFFHead(small.feature_channels, small.feature_reductions, NUM_CLASSES, nodes="per_scale",
+                    adjacency="learned", **SMALL_HEAD)
+    assert head(small(torch.randn(1, 3, 96, 96))).assignment.shape == (1, 3 * 3 * 3, 4)
+    assert head(large(torch.randn(1, 3, 192, 192))).assignment.shape == (1, 3 * 6 * 6, 4)
+
+
+def test_maps_off_the_coarsest_grid_are_pooled_onto_it():
+    backbone = TimmBackbone("resnet18", out_indices=(-3, -2, -1))
+    maps = backbone(torch.randn(1, 3, 100, 100))  # 13x13, 7x7, 4x4: strides do not divide
+    head = MGFFHead(backbone.feature_channels, backbone.feature_reductions, NUM_CLASSES, **SMALL_HEAD)
+    details = head.forward_details(maps)
+    assert details["grid"] == (4, 4)
+    assert all(m.shape[-2:] == (4, 4) for m in details["aligned"])
+
+
+@pytest.mark.parametrize(
+    "switch, module_name",
+    [("use_attention", "attention"), ("use_se", "se"), ("use_gcn", "graph")],
+)
+def test_each_ablation_switch_removes_its_module(swin_features, switch, module_name):
+    full = make_head(swin_features)
+    ablated = make_head(swin_features, **{switch: False})
+    assert getattr(full, module_name) is not None
+    assert getattr(ablated, module_name) is None
+    assert not any(n.startswith(module_name + ".") for n, _ in ablated.named_parameters())
+    out = ablated(swin_features[0])
+    assert out.logits.shape == (2, NUM_CLASSES)
+    if switch == "use_gcn":
+        assert out.assignment is None
+        assert out.aux_loss.item() == 0 and out.aux_loss.device == out.logits.device
+        assert ablated.classifier.in_features == 3 * SMALL_HEAD["dim"]  # mean of concatenated nodes
+    else:
+        assert out.aux_loss.item() != 0
+
+
+def test_everything_off_is_align_mean_linear(swin_features):
+    head = make_head(swin_features, use_attention=False, use_se=False, use_gcn=False)
+    names = {n.split(".")[0] for n, _ in head.named_parameters()}
+    assert names == {"align", "classifier"}
+    assert head(swin_features[0]).logits.shape == (2, NUM_CLASSES)
+
+
+@pytest.mark.parametrize("nodes, num_nodes", [("concat", 9), ("per_scale", 27)])
+@pytest.mark.parametrize("pool", ["mincut", "diffpool"])
+def test_node_modes_and_pooling(swin_features, nodes, num_nodes, pool):
+    head = make_head(swin_features, nodes=nodes, pool=pool)
+    out = head(swin_features[0])
+    assert out.assignment.shape == (2, num_nodes, 4)
+    assert torch.isfinite(out.aux_loss) and out.aux_loss != 0
+    # the pooling losses are in aux_loss: it alone trains the assignment layer
+    out.aux_loss.backward()
+    assert head.graph.assign.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("attention", ["mhsa", "hilo", "acmix"])
+def test_attention_choices(swin_features, attention):
+    head = make_head(swin_features, attention=attention)
+    assert head(swin_features[0]).logits.shape == (2, NUM_CLASSES)
+
+
+def test_forward_details_for_visualisation(swin_features):
+    head = make_head(swin_features).eval()
+    details = head.forward_details(swin_features[0])
+    assert details["grid"] == (3, 3)
+    assert [a.shape for a in details["attention"]] == [(2, 4, 9, 9)] * 3
+    torch.testing.assert_close(details["attention"][0].sum(-1), torch.ones(2, 4, 9))
+    assert [m.shape for m in details["enhanced"]] == [(2, 32, 3, 3)] * 3
+    assert details["nodes"].shape == (2, 9, 96)
+    torch.testing.assert_close(details["output"].logits, head(swin_features[0]).logits)
+    assert details["assignment"].shape == (2, 9, 4)
+
+
+def test_invalid_configurations_are_errors():
+    with pytest.raises(ValueError, match="divide"):
+        MGFFHead([8, 8], [8, 12], NUM_CLASSES)
+    with pytest.raises(ValueError, match="one reduction per map"):
+        MGFFHead([8, 8], [8], NUM_CLASSES)
+    with pytest.raises(ValueError, match="nodes"):
+        MGFFHead([8], [8], NUM_CLASSES, nodes="per_pixel")
+
+
+def test_torch_compile_whole_graph(swin_features):
+    # aot_eager traces forward and backward like inductor without its minutes of C++ compilation
+    # on CPU; fullgraph=True fails on any graph break. dropout=0 makes train mode deterministic.
+    torch._dynamo.reset()
+    head = make_head(swin_features, attention="acmix", nodes="per_scale", adjacency="both", dropout=0.0)
+    compiled = torch.compile(head, backend="aot_eager", fullgraph=True)
+    maps = swin_features[0]
+    out, expected = compiled(maps), head(maps)
+    torch.testing.assert_close(out.logits, expected.logits)
+    torch.testing.assert_close(out.aux_loss, expected.aux_loss)
+    (out.logits.sum() + out.aux_loss).backward()
+    assert_all_have_gradients(head, "compiled head")
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(attention="acmix", nodes="per_scale", adjacency="learned")])
+def test_bf16_autocast_on_cpu(swin_features, kwargs):
+    head = make_head(swin_features, **kwargs).eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = head(swin_features[0])
+    assert out.logits.dtype == torch.bfloat16
+    assert torch.isfinite(out.logits.float()).all() and torch.isfinite(out.aux_loss.float())
+    torch.testing.assert_close(out.logits.float(), head(swin_features[0]).logits, atol=0.05, rtol=0.1)
+
+
+def test_follows_the_input_dtype(swin_features):
+    head = make_head(swin_features, attention="acmix", adjacency="both").double()
+    out = head([m.double() for m in swin_features[0]])
+    assert out.logits.dtype == out.aux_loss.dtype == torch.float64
+
+
+def test_linear_head(swin_features):
+    maps, channels, reductions = swin_features
+    head = LinearHead(channels, reductions, NUM_CLASSES, dropout=0.1)
+    out = head(maps)
+    assert out.logits.shape == (2, NUM_CLASSES) and out.assignment is None
+    assert out.aux_loss.item() == 0
+    out.logits.sum().backward()
+    assert_all_have_gradients(head, "linear head")

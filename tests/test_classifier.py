@@ -1,0 +1,127 @@
+"""FineGrainedClassifier and TwoStageClassifier as modules: outputs, losses, gradients, optimisation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from mgff.lit import FineGrainedClassifier, TwoStageClassifier
+from mgff.lit.optim import warmup_cosine
+
+TINY = dict(backbone="resnet10t", img_size=64, stages=[2, 3, 4], fusion_dim=32, num_heads=2, num_super_nodes=3)
+TINY_CROPPER = dict(cropper="vit_tiny_patch16_224", cropper_kwargs={"depth": 2, "embed_dim": 48, "num_heads": 2}, localize_size=64, crop_size=64)
+
+
+def batch(n=4, classes=5, size=64):
+    g = torch.Generator().manual_seed(0)
+    boxes = torch.tensor([[4.0, 4.0, 40.0, 50.0]]).repeat(n, 1)
+    boxes[0] = float("nan")  # an image without a ground-truth box
+    return {"image": torch.randn(n, 3, size, size, generator=g), "label": torch.arange(n) % classes, "box": boxes, "index": torch.arange(n), "path": [f"img{i}.jpg" for i in range(n)]}
+
+
+@pytest.mark.parametrize("head", ["linear", "mgff"])
+def test_single_stage_outputs_and_loss(head):
+    model = FineGrainedClassifier(num_classes=5, head=head, **TINY)
+    logits, aux, extras = model.forward_outputs(batch()["image"])
+    assert logits["main"].shape == (4, 5) and extras == {}
+    terms = model.loss_terms(logits, aux, batch()["label"])
+    assert set(terms) == {"ce", "aux"}
+    assert all(torch.isfinite(v) for v in terms.values())
+    if head == "linear":
+        assert terms["aux"].item() == 0.0
+
+
+def test_gradients_reach_backbone_and_head():
+    model = FineGrainedClassifier(num_classes=5, head="mgff", **TINY)
+    b = batch()
+    logits, aux, _ = model.forward_outputs(b["image"])
+    sum(model.loss_terms(logits, aux, b["label"]).values()).backward()
+    assert model.backbone.model.conv1[0].weight.grad.abs().sum() > 0
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, f"no gradient reaches {missing}"
+    assert model.head.classifier.weight.grad.abs().sum() > 0
+
+
+def test_two_stage_outputs_merge_and_boxes():
+    model = TwoStageClassifier(num_classes=5, **TINY, **TINY_CROPPER)
+    model.eval()
+    with torch.no_grad():
+        logits, aux, extras = model.forward_outputs(batch()["image"])
+    assert set(logits) == {"main", "stage1", "stage2"}
+    p = (logits["stage1"].softmax(-1) + logits["stage2"].softmax(-1)) / 2
+    torch.testing.assert_close(logits["main"].exp(), p, atol=1e-5, rtol=1e-5)
+    box = extras["box"]
+    assert box.shape == (4, 4) and (box[:, 2] > box[:, 0]).all() and (box[:, 3] > box[:, 1]).all()
+    assert (box >= 0).all() and (box <= 64).all()
+
+
+def test_two_stage_sum_logits_and_separate_classifier():
+    model = TwoStageClassifier(num_classes=5, merge="sum_logits", shared_classifier=False, **TINY, **TINY_CROPPER)
+    model.eval()
+    with torch.no_grad():
+        logits, _, _ = model.forward_outputs(batch()["image"])
+    torch.testing.assert_close(logits["main"], logits["stage1"] + logits["stage2"])
+    assert model.backbone2 is not None and model.backbone2 is not model.backbone
+
+
+def test_two_stage_loss_terms_and_trainable_cropper_gets_gradients():
+    model = TwoStageClassifier(num_classes=5, cropper_trainable=True, **TINY, **TINY_CROPPER)
+    b = batch()
+    logits, aux, _ = model.forward_outputs(b["image"])
+    terms = model.loss_terms(logits, aux, b["label"])
+    assert {"ce1", "ce2", "ce_cropper", "aux"} <= set(terms)
+    sum(terms.values()).backward()
+    assert model.cropper.vit.patch_embed.proj.weight.grad.abs().sum() > 0
+    assert model.output_names == ("main", "stage1", "stage2", "cropper")
+
+
+def test_frozen_cropper_stays_frozen_and_out_of_the_optimizer():
+    model = TwoStageClassifier(num_classes=5, **TINY, **TINY_CROPPER)
+    model.train()
+    assert not model.cropper.vit.training
+    assert all(not p.requires_grad for p in model.cropper.parameters())
+    modules = [m for m, _ in model.optimizer_modules()]
+    assert model.cropper not in modules
+
+
+def test_box_iou_logged_only_for_images_with_boxes():
+    model = TwoStageClassifier(num_classes=5, **TINY, **TINY_CROPPER)
+    b = batch()
+    model.log_extras({"box": b["box"].nan_to_num(0.0)}, b, "val")  # predicted = GT for rows 1..3
+    values = model.box_iou["val"].compute()
+    assert values["miou"].item() == pytest.approx(1.0) and values["hit_rate"].item() == pytest.approx(1.0)
+
+
+def test_bf16_autocast_on_cpu():
+    model = TwoStageClassifier(num_classes=5, **TINY, **TINY_CROPPER)
+    model.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, _, _ = model.forward_outputs(batch()["image"])
+    assert torch.isfinite(logits["main"].float()).all()
+
+
+def test_local_pretrained_file_loads_into_backbone(tmp_path):
+    source = FineGrainedClassifier(num_classes=5, head="linear", **TINY)
+    path = tmp_path / "resnet10t.safetensors"
+    save_file({k: v.contiguous() for k, v in source.backbone.model.state_dict().items()}, str(path))
+    model = FineGrainedClassifier(num_classes=5, head="linear", pretrained=str(path), **TINY)
+    torch.testing.assert_close(model.backbone.model.conv1[0].weight, source.backbone.model.conv1[0].weight)
+
+
+@pytest.mark.parametrize("kwargs, match", [({"num_classes": 1}, "num_classes"), ({"head": "mlp"}, "head"), ({"optimizer": "lion"}, "optimizer"), ({"class_names": ["a"]}, "class_names")])
+def test_bad_arguments_are_named(kwargs, match):
+    args = dict(num_classes=5, **TINY)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        FineGrainedClassifier(**args)
+
+
+def test_warmup_cosine_schedule():
+    f = warmup_cosine(total_steps=100, warmup_steps=10, min_lr_ratio=0.1)
+    assert f(0) == pytest.approx(1 / 11) and f(9) == pytest.approx(10 / 11)
+    assert f(10) == pytest.approx(1.0)
+    assert f(55) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert f(100) == pytest.approx(0.1)

@@ -115,7 +115,11 @@ default_cfgs = generate_default_cfgs(
 @register_model
 def mgff_test_stages_nchw(pretrained=False, **kwargs):
     return build_model_with_cfg(
-        _TinyStagesNet, "mgff_test_stages_nchw", pretrained, feature_cfg=dict(flatten_sequential=True), **kwargs
+        _TinyStagesNet,
+        "mgff_test_stages_nchw",
+        pretrained,
+        feature_cfg=dict(flatten_sequential=True),
+        **kwargs,
     )
 
 

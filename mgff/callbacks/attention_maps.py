@@ -1,0 +1,136 @@
+"""Saves what the attention cropper sees on validation images, every few epochs, as pictures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_warn
+
+from data_modules.transforms import IMAGENET_MEAN, IMAGENET_STD
+from mgff.viz import response_overlay
+
+
+class AttentionMapLogger(Callback):
+    """Every ``every_n_epochs`` epochs, draw the cropper's response map and box on validation images.
+
+    The first ``num_images`` images of the validation loader are drawn in a grid under their response
+    map (``jet``), with the predicted box (red) and the ground-truth box (green, dashed, where the
+    dataset has one), titled with their class. The figure is saved as
+    ``<log_dir>/attention_maps/epoch_XXX.png`` (``XXX`` the 0-based epoch) and, for a
+    ``TensorBoardLogger``, added as the figure ``val/attention_maps`` at the global step; loggers with a
+    ``log_image(key, images, step)`` method (W&B) get the PNG; others (CSV) only the file.
+
+    Only models with ``localize(images) -> CropOutput`` (:class:`~mgff.lit.two_stage.TwoStageClassifier`)
+    have a cropper; for any other model the callback warns once and does nothing. Only rank 0 collects
+    and draws; the sanity-check validation is skipped.
+
+    Args:
+        every_n_epochs: draw after the validation of every N-th epoch (epochs N-1, 2N-1, ...).
+        num_images: images in the grid (fewer if the validation split is smaller).
+        dirname: sub-folder of the log directory for the PNGs.
+    """
+
+    def __init__(self, every_n_epochs: int = 1, num_images: int = 8, dirname: str = "attention_maps") -> None:
+        super().__init__()
+        if every_n_epochs < 1:
+            raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs}")
+        if num_images < 1:
+            raise ValueError(f"num_images must be >= 1, got {num_images}")
+        self.every_n_epochs = every_n_epochs
+        self.num_images = num_images
+        self.dirname = dirname
+        self.saved_paths: list[Path] = []
+        self._supported: bool | None = None
+        self._images: list[torch.Tensor] = []
+        self._boxes: list[torch.Tensor] = []
+        self._labels: list[torch.Tensor] = []
+
+    # ----- when to act --------------------------------------------------------------------------
+    def _supports(self, pl_module: L.LightningModule) -> bool:
+        if self._supported is None:
+            self._supported = callable(getattr(pl_module, "localize", None))
+            if not self._supported:
+                rank_zero_warn(
+                    f"AttentionMapLogger: {type(pl_module).__name__} has no localize() (no attention cropper); "
+                    "no attention maps will be saved. Use mgff.lit.TwoStageClassifier."
+                )
+        return self._supported
+
+    def _active(self, trainer: L.Trainer, pl_module: L.LightningModule) -> bool:
+        return (
+            trainer.is_global_zero
+            and not trainer.sanity_checking
+            and (trainer.current_epoch + 1) % self.every_n_epochs == 0
+            and self._supports(pl_module)
+        )
+
+    def _collected(self) -> int:
+        return sum(len(images) for images in self._images)
+
+    # ----- hooks --------------------------------------------------------------------------------
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._supports(pl_module)  # warn at the start of the run, not after the first epoch
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._images, self._boxes, self._labels = [], [], []
+
+    def on_validation_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if dataloader_idx != 0 or not batch or not self._active(trainer, pl_module):
+            return
+        missing = self.num_images - self._collected()
+        if missing <= 0:
+            return
+        images = batch["image"][:missing].detach()
+        self._images.append(images.cpu())
+        box = batch.get("box")
+        self._boxes.append(box[:missing].detach().float().cpu() if box is not None else torch.full((len(images), 4), float("nan")))
+        label = batch.get("label")
+        self._labels.append(label[:missing].detach().cpu() if label is not None else torch.full((len(images),), -1))
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self._images or not self._active(trainer, pl_module):
+            return
+        images = torch.cat(self._images)
+        gt_boxes, labels = torch.cat(self._boxes), torch.cat(self._labels)
+        self._images, self._boxes, self._labels = [], [], []
+        with torch.no_grad():
+            crop = pl_module.localize(images.to(pl_module.device))
+        names = getattr(pl_module.hparams, "class_names", None) if hasattr(pl_module, "hparams") else None
+        titles = [names[i] if names and i >= 0 else (str(i) if i >= 0 else "") for i in labels.tolist()]
+        mean, std = self._normalization(trainer)
+        figure = response_overlay(
+            images, crop.response.cpu(), crop.boxes.cpu(), gt_boxes, titles=titles, ncols=min(4, len(images)), mean=mean, std=std
+        )
+        figure.suptitle(f"epoch {trainer.current_epoch}: response map, predicted box (red), ground truth (green)", fontsize=9)
+        out_dir = Path(trainer.log_dir or trainer.default_root_dir) / self.dirname
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / f"epoch_{trainer.current_epoch:03d}.png"
+        figure.savefig(path, dpi=100)
+        self.saved_paths.append(path)
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_figure("val/attention_maps", figure, global_step=trainer.global_step, close=False)
+            elif callable(getattr(logger, "log_image", None)):
+                logger.log_image(key="val/attention_maps", images=[str(path)], step=trainer.global_step)
+
+    @staticmethod
+    def _normalization(trainer: L.Trainer) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """The DataModule's normalisation (to show the images as they were), else ImageNet's."""
+        datamodule = getattr(trainer, "datamodule", None)
+        mean, std = getattr(datamodule, "mean", None), getattr(datamodule, "std", None)
+        if mean is None or std is None:
+            return IMAGENET_MEAN, IMAGENET_STD
+        return tuple(mean), tuple(std)

@@ -544,20 +544,28 @@ def super_node_labels(assignment: Tensor, grid: tuple[int, int]) -> Tensor:
 
 
 @torch.no_grad()
-def fusion_maps(model: FineGrainedClassifier, images: Tensor) -> FusionMaps:
-    """Run the stage classifier's backbone and MGFF head on ``images (B, 3, H, W)`` and keep the
+def fusion_maps(model: FineGrainedClassifier, images: Tensor, stage: int = 1) -> FusionMaps:
+    """Run a stage classifier's backbone and MGFF head on ``images (B, 3, H, W)`` and keep the
     per-scale attention and the super-node assignment (eval mode, restored afterwards).
 
-    For a :class:`~mgff.lit.two_stage.TwoStageClassifier` this is stage 1 on the images; pass the
-    cropper's crops to see stage 2 (with a shared classifier, the same network).
+    Args:
+        model: a :class:`~mgff.lit.classifier.FineGrainedClassifier` or
+            :class:`~mgff.lit.two_stage.TwoStageClassifier` with ``head='mgff'``.
+        images: what that stage sees: the images for stage 1, the cropper's crops for stage 2.
+        stage: ``2`` uses the two-stage model's second classifier where it has one
+            (``shared_classifier=False``); with a shared classifier both stages are one network.
     """
-    head = getattr(model, "head", None)
-    if not hasattr(head, "forward_details"):
+    if stage not in (1, 2):
+        raise ValueError(f"stage must be 1 or 2, got {stage}")
+    backbone, head = model.backbone, getattr(model, "head", None)
+    if stage == 2 and getattr(model, "backbone2", None) is not None:
+        backbone, head = model.backbone2, model.head2
+    if not callable(getattr(head, "forward_details", None)):
         raise TypeError(f"the model's head ({type(head).__name__}) has no forward_details: use head='mgff'")
     was_training = model.training
     model.eval()
     try:
-        details = head.forward_details(model.backbone(images.to(model.device)))
+        details = head.forward_details(backbone(images.to(model.device)))
     finally:
         model.train(was_training)
     grid = tuple(details["grid"])

@@ -343,6 +343,22 @@ def test_fusion_maps_of_the_mgff_head_and_their_figure(two_stage):
     np.testing.assert_array_equal(fig.axes[4].images[1].get_array(), maps.super_nodes[0, 0].numpy())
 
 
+def test_fusion_maps_of_stage_two_use_its_own_classifier_when_it_has_one(two_stage):
+    images = torch.randn(2, 3, 64, 64)
+    shared_1, shared_2 = viz.fusion_maps(two_stage, images, stage=1), viz.fusion_maps(two_stage, images, stage=2)
+    torch.testing.assert_close(shared_2.assignment, shared_1.assignment)  # one network for both stages
+    torch.manual_seed(0)
+    separate = TwoStageClassifier(num_classes=4, shared_classifier=False, **TINY, **TINY_CROPPER)
+    first, second = viz.fusion_maps(separate, images, stage=1), viz.fusion_maps(separate, images, stage=2)
+    assert not torch.allclose(first.assignment, second.assignment)
+    separate.head2.forward_details = None  # stage 2 must go through head2, stage 1 must not
+    viz.fusion_maps(separate, images, stage=1)
+    with pytest.raises(TypeError, match="forward_details"):
+        viz.fusion_maps(separate, images, stage=2)
+    with pytest.raises(ValueError, match="stage must be 1 or 2"):
+        viz.fusion_maps(separate, images, stage=3)
+
+
 def test_fusion_maps_without_global_attention_per_scale_nodes():
     model = FineGrainedClassifier(num_classes=3, attention="hilo", graph_nodes="per_scale", **TINY)
     images = torch.randn(1, 3, 64, 64)

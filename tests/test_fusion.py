@@ -41,12 +41,11 @@ def assert_all_have_gradients(module, what, allow_zero=False):
     "make_backbone, image_size",
     [
         (tiny_swin, 96),
-        (lambda: tiny_swin(192), 192),
-        (lambda: TimmBackbone("resnet18", out_indices=(-3, -2, -1)), 64),
+        (lambda: TimmBackbone("test_resnet", out_indices=(-3, -2, -1)), 64),
         (lambda: TimmBackbone("convnext_atto"), 64),
         (lambda: TimmBackbone("test_vit", out_indices=(-1,), img_size=64), 64),
     ],
-    ids=["swin96", "swin192", "resnet18", "convnext_atto", "vit"],
+    ids=["swin", "resnet", "convnext_atto", "vit"],
 )
 def test_gradients_reach_the_backbone_and_every_head_parameter(make_backbone, image_size):
     backbone = make_backbone()
@@ -74,7 +73,7 @@ def test_one_head_serves_several_grid_sizes():
 
 
 def test_maps_off_the_coarsest_grid_are_pooled_onto_it():
-    backbone = TimmBackbone("resnet18", out_indices=(-3, -2, -1))
+    backbone = TimmBackbone("test_resnet", out_indices=(-3, -2, -1))
     maps = backbone(torch.randn(1, 3, 100, 100))  # 13x13, 7x7, 4x4: strides do not divide
     head = MGFFHead(backbone.feature_channels, backbone.feature_reductions, NUM_CLASSES, **SMALL_HEAD)
     details = head.forward_details(maps)

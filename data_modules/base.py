@@ -89,6 +89,9 @@ class FineGrainedDataModule(L.LightningDataModule):
         predict_split: which split ``predict`` runs on.
         mean: normalisation mean.
         std: normalisation std.
+        cache_dir: read the images from a resized copy in this folder, written once by
+            :meth:`prepare_data` (see :mod:`data_modules.resized_cache`); ``None`` reads the originals.
+        cache_size: shorter side of the cached images in pixels.
     """
 
     dataset_name = "dataset"
@@ -113,6 +116,8 @@ class FineGrainedDataModule(L.LightningDataModule):
         predict_split: str = "test",
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
+        cache_dir: str | Path | None = None,
+        cache_size: int = 512,
     ) -> None:
         super().__init__()
         if crop_size > resize_size:
@@ -123,6 +128,8 @@ class FineGrainedDataModule(L.LightningDataModule):
             raise ValueError(f"on_bad_image must be 'raise' or 'skip', got {on_bad_image!r}")
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        if cache_size < 1:
+            raise ValueError(f"cache_size must be a positive number of pixels, got {cache_size}")
         self.root = Path(root).expanduser() if root is not None else None
         self.batch_size = batch_size
         self.num_workers = num_workers
@@ -139,6 +146,8 @@ class FineGrainedDataModule(L.LightningDataModule):
         self.persistent_workers = persistent_workers
         self.predict_split = predict_split
         self.mean, self.std = tuple(mean), tuple(std)
+        self.cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else None
+        self.cache_size = cache_size
         self._splits: Splits | None = None
         self.datasets: dict[str, FineGrainedDataset] = {}
 
@@ -149,7 +158,14 @@ class FineGrainedDataModule(L.LightningDataModule):
 
     def image_root(self) -> Path:
         """Folder the sample paths are relative to (the resized cache when one is used)."""
-        return self.root
+        return self.cache_dir if self.cache_dir is not None else self.root
+
+    def _resized_cache(self):
+        # imported here, not at the top: ``python -m data_modules.resized_cache`` would otherwise find
+        # its own module already imported by the package (runpy warns)
+        from data_modules.resized_cache import ResizedImageCache
+
+        return ResizedImageCache(self.cache_dir, shorter_side=self.cache_size)
 
     # ----- class facts, linked into the model by the CLI ----------------------------------------
     @property
@@ -191,20 +207,40 @@ class FineGrainedDataModule(L.LightningDataModule):
             )
 
     # ----- Lightning hooks -------------------------------------------------------------------------
+    def prepare_data(self) -> None:
+        """Write the resized image cache when ``cache_dir`` is set (already cached images are skipped).
+
+        Lightning calls this on one process per node before :meth:`setup`; it keeps no state (the
+        metadata is read again by :meth:`setup`).
+        """
+        if self.cache_dir is None:
+            return
+        self._check_root()
+        splits = self.read_splits(self.root)
+        paths = [s.path for s in splits.train + splits.test + (splits.val or [])]
+        self._resized_cache().prepare(self.root, paths, workers=self.num_workers, skip_bad_images=self.on_bad_image == "skip")
+
     def setup(self, stage: str | None = None) -> None:
         splits = self.splits
         if not splits.val and not self.val_on_test:
             log.warning("validation split is empty (val_fraction=%s): checkpoints cannot be selected", self.val_fraction)
         root = self.image_root()
+        samples = {"train": splits.train, "val": splits.val, "test": splits.test}
+        if self.cache_dir is not None:  # same paths, boxes scaled to the cached images' pixels
+            if self.cache_size < self.resize_size:
+                log.warning("data.cache_size (%s) is below data.resize_size (%s): cached images get enlarged", self.cache_size, self.resize_size)
+            cache = self._resized_cache()
+            cache.check_settings(self.root)
+            samples = cache.cached_splits(samples)
         if self.check_images and not self.datasets:
-            check_images_exist(root, splits.train + splits.val + splits.test)
+            check_images_exist(root, samples["train"] + samples["val"] + samples["test"])
         train_tf = partial(apply_transform, build_train_transform(self.resize_size, self.crop_size, self.hflip, self.mean, self.std))
         eval_tf = partial(apply_transform, build_eval_transform(self.resize_size, self.crop_size, self.mean, self.std))
         make = partial(FineGrainedDataset, root, on_bad_image=self.on_bad_image, crop_to_box=self.crop_to_box)
         self.datasets = {
-            "train": make(splits.train, train_tf),
-            "val": make(splits.val, eval_tf),
-            "test": make(splits.test, eval_tf),
+            "train": make(samples["train"], train_tf),
+            "val": make(samples["val"], eval_tf),
+            "test": make(samples["test"], eval_tf),
         }
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:

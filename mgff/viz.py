@@ -177,10 +177,15 @@ def image_grid(
     return fig
 
 
-def _split_samples(datamodule: FineGrainedDataModule, split: str):
+def _stored_samples(datamodule: FineGrainedDataModule, split: str) -> tuple[Path, list]:
+    """``(root, samples)`` of a split exactly as its dataset reads them: with a resized image cache,
+    the cache's root and the samples with boxes scaled to the cached images."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    return datamodule.split_samples(split)
+    if not datamodule.datasets:
+        datamodule.setup()
+    dataset = datamodule.datasets[split]
+    return Path(dataset.root), list(dataset.samples)
 
 
 def sample_grid(
@@ -195,13 +200,13 @@ def sample_grid(
     Images are drawn without replacement (seeded) and shown sorted by class; the title is the class
     name and the image size ``W x H``.
     """
-    samples = _split_samples(datamodule, split)
+    root, samples = _stored_samples(datamodule, split)
     if not samples:
         raise ValueError(f"split {split!r} has no images")
     rng = np.random.default_rng(seed)
     chosen = rng.choice(len(samples), size=min(num_images, len(samples)), replace=False)
     chosen = sorted(chosen, key=lambda i: (samples[i].label, i))
-    root, names = datamodule.image_root(), datamodule.class_names
+    names = datamodule.class_names
     images, boxes, titles = [], [], []
     for i in chosen:
         image = load_rgb(root / samples[i].path)
@@ -227,11 +232,11 @@ def augmentation_grid(
     Returns:
         ``num_views + 1`` axes: ``original W x H``, then ``view 1 .. view N`` (each ``crop_size`` square).
     """
-    samples = _split_samples(datamodule, "train")
+    root, samples = _stored_samples(datamodule, "train")
     if not 0 <= index < len(samples):
         raise IndexError(f"index {index} outside the train split (0..{len(samples) - 1})")
     sample = samples[index]
-    image = load_rgb(datamodule.image_root() / sample.path)
+    image = load_rgb(root / sample.path)
     transform = build_train_transform(datamodule.resize_size, datamodule.crop_size, datamodule.hflip, datamodule.mean, datamodule.std)
     transform.set_random_seed(seed)
     views, boxes = [image], [sample.box]
@@ -260,16 +265,17 @@ def class_counts(datamodule: FineGrainedDataModule) -> pd.DataFrame:
 
 
 def image_sizes(datamodule: FineGrainedDataModule, splits: Sequence[str] = ("train", "val", "test")) -> pd.DataFrame:
-    """Stored size of every image (read from the file headers, not decoded).
+    """Size of every image as the DataModule reads it (from the file headers, not decoded; the
+    resized copies where the DataModule uses an image cache).
 
     Returns:
         One row per image: ``split``, ``path``, ``label``, ``width``, ``height``. ``.groupby("split")
         [["width", "height"]].describe()`` gives the usual summary.
     """
-    root = datamodule.image_root()
     rows = []
     for split in splits:
-        for sample in _split_samples(datamodule, split):
+        root, samples = _stored_samples(datamodule, split)
+        for sample in samples:
             with Image.open(root / sample.path) as img:
                 width, height = img.size
             rows.append({"split": split, "path": sample.path, "label": sample.label, "width": width, "height": height})

@@ -85,7 +85,10 @@ def read_oxford_pets(root: Path) -> Splits:
 
     xml_dir = root / "annotations" / "xmls"
     splits = {
-        split: [Sample(path=f"images/{image}.jpg", label=class_id - 1, box=read_pet_box(xml_dir / f"{image}.xml")) for image, class_id in split_rows]
+        split: [
+            Sample(path=f"images/{image}.jpg", label=class_id - 1, box=read_pet_box(xml_dir / f"{image}.xml"))
+            for image, class_id in split_rows
+        ]
         for split, split_rows in rows.items()
     }
     return Splits(train=splits["trainval"], test=splits["test"], class_names=class_names)

@@ -159,44 +159,47 @@ class ResizedImageCache:
                 then skips it when loading) instead of raising :class:`BadImageError`.
 
         Returns:
-            the whole manifest after preparation. Images already cached are not read again.
+            the whole manifest after preparation. Images already cached are not read again; when
+            all are, only their presence is checked.
         """
         source_root = Path(source_root)
         started = time.time()
         self.check_settings()
         self._claim(source_root)
         paths = list(dict.fromkeys(paths))
-        missing_sources = [p for p in paths if not (source_root / p).is_file()]
+        manifest = self.read_manifest()
+        todo = [p for p in paths if p not in manifest or not (self.cache_dir / p).is_file()]
+        if not todo:
+            return manifest
+        missing_sources = [p for p in todo if not (source_root / p).is_file()]
         if missing_sources:
             shown = "\n  ".join(missing_sources[:20])
             raise MissingImagesError(f"{len(missing_sources)} of {len(paths)} images to cache are missing under {source_root}:\n  {shown}")
-        manifest = self.read_manifest()
-        todo = [p for p in paths if p not in manifest or not (self.cache_dir / p).is_file()]
-        if todo:
-            work = partial(
-                cache_image,
-                source_root=source_root,
-                cache_dir=self.cache_dir,
-                shorter_side=self.shorter_side,
-                jpeg_quality=self.jpeg_quality,
-                skip_bad_images=skip_bad_images,
-            )
-            bar = tqdm(total=len(todo), desc=f"resizing images to {self.shorter_side}px", unit="img", disable=not progress)
-            try:
-                if workers > 0:
-                    with ProcessPoolExecutor(max_workers=workers) as pool:
-                        chunk = max(1, min(64, len(todo) // (workers * 8)))
-                        for path, sizes in zip(todo, pool.map(work, todo, chunksize=chunk)):
-                            manifest[path] = sizes
-                            bar.update()
-                else:
-                    for path in todo:
-                        manifest[path] = work(path)
+        work = partial(
+            cache_image,
+            source_root=source_root,
+            cache_dir=self.cache_dir,
+            shorter_side=self.shorter_side,
+            jpeg_quality=self.jpeg_quality,
+            skip_bad_images=skip_bad_images,
+        )
+        bar = tqdm(total=len(todo), desc=f"resizing images to {self.shorter_side}px", unit="img", disable=not progress)
+        try:
+            if workers > 0:
+                with ProcessPoolExecutor(max_workers=workers) as pool:
+                    chunk = max(1, min(64, len(todo) // (workers * 8)))
+                    for path, sizes in zip(todo, pool.map(work, todo, chunksize=chunk)):
+                        manifest[path] = sizes
                         bar.update()
-            finally:
-                bar.close()
-                # whatever finished is written down, so an interrupted run loses no finished image
-                _write_json_atomically(self.manifest_path, manifest)
+            else:
+                for path in todo:
+                    manifest[path] = work(path)
+                    bar.update()
+        finally:
+            bar.close()
+            # whatever finished is written down, so an interrupted run loses no finished image
+            _write_json_atomically(self.manifest_path, manifest)
+        # a killed run left unfinished images (so this run had work): sweep its temporary files
         self._remove_stale_temp_files(before=started - STALE_TEMP_SECONDS)
         return manifest
 

@@ -82,8 +82,9 @@ def test_labels_follow_image_class_labels_not_folders(nabirds_copy):
     path = nabirds_copy / "image_class_labels.txt"
     image_id = _first_field(path, 0)
     _set_line(path, 0, f"{image_id} 334")
-    first = next(s for s in read_nabirds(nabirds_copy).train + read_nabirds(nabirds_copy).test if Path(s.path).stem == image_id.replace("-", ""))
-    assert first.label == 2
+    splits = read_nabirds(nabirds_copy)
+    relabelled = next(s for s in splits.train + splits.test if Path(s.path).stem == image_id.replace("-", ""))
+    assert relabelled.label == 2 and relabelled.path.startswith("images/0300/")  # its folder says class 300
 
 
 def test_class_parents_reach_the_model_through_the_cli(nabirds_root, tmp_path):

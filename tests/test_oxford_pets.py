@@ -127,7 +127,8 @@ def test_bad_species(pets_copy):
 def test_class_id_that_disagrees_with_the_breed(pets_copy):
     # line 4 is azure_patched (class 2): give it class 1, which line 1 gave to Crimson_Patched
     _set_line(_trainval(pets_copy), 3, "azure_patched_4 1 2 1")
-    with pytest.raises(DatasetFormatError, match=r"trainval.txt:4: class id 1 is breed 'azure_patched' species 2 here but 'Crimson_Patched' species 1 at .*trainval.txt:1"):
+    match = r"trainval.txt:4: class id 1 is breed 'azure_patched' species 2 here but 'Crimson_Patched' species 1 at .*trainval.txt:1"
+    with pytest.raises(DatasetFormatError, match=match):
         read_oxford_pets(pets_copy)
 
 
@@ -172,14 +173,18 @@ def test_path_escaping_root_is_refused(pets_copy, bad):
         read_oxford_pets(pets_copy)
 
 
+def _box_xml(bndbox: str) -> str:
+    return f"<annotation><object><bndbox>{bndbox}</bndbox></object></annotation>"
+
+
 @pytest.mark.parametrize(
     "content, match",
     [
         ("<annotation><object><bndbox><xmin>3", r"Crimson_Patched_4.xml: not valid XML"),
         ("<annotation><size><width>90</width></size></annotation>", r"Crimson_Patched_4.xml: expected <object><bndbox>"),
-        ("<annotation><object><bndbox><xmin>a</xmin><ymin>1</ymin><xmax>9</xmax><ymax>9</ymax></bndbox></object></annotation>", r"<bndbox><xmin> must be a number, got 'a'"),
-        ("<annotation><object><bndbox><xmin>5</xmin><ymin>1</ymin><ymax>9</ymax></bndbox></object></annotation>", r"<bndbox><xmax> must be a number, got None"),
-        ("<annotation><object><bndbox><xmin>9</xmin><ymin>1</ymin><xmax>9</xmax><ymax>9</ymax></bndbox></object></annotation>", r"box must have xmax > xmin"),
+        (_box_xml("<xmin>a</xmin><ymin>1</ymin><xmax>9</xmax><ymax>9</ymax>"), r"<bndbox><xmin> must be a number, got 'a'"),
+        (_box_xml("<xmin>5</xmin><ymin>1</ymin><ymax>9</ymax>"), r"<bndbox><xmax> must be a number, got None"),
+        (_box_xml("<xmin>9</xmin><ymin>1</ymin><xmax>9</xmax><ymax>9</ymax>"), r"box must have xmax > xmin"),
     ],
 )
 def test_bad_xml_names_the_file(pets_copy, content, match):

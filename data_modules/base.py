@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 
 from data_modules.dataset import FineGrainedDataset, OnBadImage, collate_skip_none
 from data_modules.errors import DatasetNotFoundError
+from data_modules.resumable import SeededTransform, split_loader
 from data_modules.samples import Sample, check_images_exist
 from data_modules.transforms import IMAGENET_MEAN, IMAGENET_STD, apply_transform, build_eval_transform, build_train_transform
 
@@ -234,7 +235,8 @@ class FineGrainedDataModule(L.LightningDataModule):
             samples = cache.cached_splits(samples)
         if self.check_images and not self.datasets:
             check_images_exist(root, samples["train"] + samples["val"] + samples["test"])
-        train_tf = partial(apply_transform, build_train_transform(self.resize_size, self.crop_size, self.hflip, self.mean, self.std))
+        # seeded per item by the training loader: augmentations that a resumed run replays exactly
+        train_tf = SeededTransform(build_train_transform(self.resize_size, self.crop_size, self.hflip, self.mean, self.std))
         eval_tf = partial(apply_transform, build_eval_transform(self.resize_size, self.crop_size, self.mean, self.std))
         make = partial(FineGrainedDataset, root, on_bad_image=self.on_bad_image, crop_to_box=self.crop_to_box)
         self.datasets = {
@@ -247,14 +249,14 @@ class FineGrainedDataModule(L.LightningDataModule):
         if not self.datasets:
             self.setup()
         workers = self.num_workers
-        return DataLoader(
+        # training: a resumable, seeded order over this rank's share; evaluation: every image once over all ranks
+        return split_loader(
             self.datasets[split],
             batch_size=self.batch_size,
             shuffle=shuffle,
             num_workers=workers,
             pin_memory=self.pin_memory and torch.cuda.is_available(),
             persistent_workers=self.persistent_workers and workers > 0,
-            drop_last=shuffle and len(self.datasets[split]) > self.batch_size,
             collate_fn=collate_skip_none,
         )
 

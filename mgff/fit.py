@@ -3,6 +3,12 @@
 The run: fit with checkpoints selected on the validation split; then the test split is evaluated
 once with the best checkpoint; the final metrics go to ``<run dir>/metrics.json`` and a one-line
 summary is printed. ``--ckpt_path`` resumes a stopped run from its checkpoint.
+
+Under DDP (``--trainer.strategy ddp``, or ``srun`` on SLURM) every rank runs this function: fit and
+test are collective (the test split is evaluated once, sharded over the ranks without duplicates),
+and rank 0 alone writes ``metrics.json`` and prints. A run stopped by a signal
+(:class:`~mgff.callbacks.preemption.PreemptionCheckpoint`) skips the test and exits with ``128 + signal``
+after saying which checkpoint to resume from.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from mgff.callbacks.preemption import TrainingPreempted
 from mgff.cli import MGFFCLI
 
 
@@ -20,7 +27,13 @@ class FitCLI(MGFFCLI):
 
     def add_arguments_to_parser(self, parser) -> None:
         super().add_arguments_to_parser(parser)
-        parser.add_argument("--ckpt_path", type=Optional[str], default=None, help="checkpoint to resume fitting from")
+        parser.add_argument(
+            "--ckpt_path",
+            type=Optional[str],
+            default=None,
+            help="checkpoint to resume fitting from: a path, 'last' (the run's last.ckpt) or 'hpc' (the newest "
+            "hpc_ckpt_N.ckpt in trainer.default_root_dir, written on preemption; on SLURM the default when None)",
+        )
 
 
 def run(args: list[str] | None = None) -> dict[str, Any]:
@@ -28,10 +41,17 @@ def run(args: list[str] | None = None) -> dict[str, Any]:
     cli = FitCLI(run=False, args=args)
     trainer, model, datamodule = cli.trainer, cli.model, cli.datamodule
     start = time.perf_counter()
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cli.config.get("ckpt_path"))
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=cli.config.get("ckpt_path"))
+    except TrainingPreempted as stop:
+        if trainer.is_global_zero:
+            then = "the requeued SLURM job resumes from it by itself" if stop.requeued else f"rerun with --ckpt_path {stop.checkpoint}"
+            print(f"mgff: {stop}; not tested; {then}")
+        raise
     fit_seconds = time.perf_counter() - start
 
-    checkpoint = trainer.checkpoint_callback
+    # the monitored ModelCheckpoint (the CLI's ``checkpoint``), not ``last_checkpoint``
+    checkpoint = next((cb for cb in trainer.checkpoint_callbacks if getattr(cb, "monitor", None)), trainer.checkpoint_callback)
     best_path = checkpoint.best_model_path if checkpoint is not None and checkpoint.best_model_path else None
     tested = trainer.test(model, datamodule=datamodule, ckpt_path=best_path or None, verbose=False)
     metrics: dict[str, Any] = {k: float(v) for k, v in (tested[0] if tested else {}).items()}

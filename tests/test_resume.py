@@ -74,7 +74,10 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, cub_root):
     tmp = tmp_path_factory.mktemp("uninterrupted")
+    handler_before = signal.getsignal(signal.SIGTERM)
     metrics = fit_run(["--config", str(write_config(tmp / "config.yaml", tmp, cub_root))])
+    # after fit (and during the final test) SIGTERM is handled as before, not swallowed
+    assert signal.getsignal(signal.SIGTERM) == handler_before
     return tmp, metrics
 
 

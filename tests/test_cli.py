@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from mgff.cli import main as cli_main
 from mgff.fit import run as fit_run
@@ -49,7 +50,7 @@ def test_fit_tests_best_checkpoint_and_writes_metrics_json(fitted):
     tmp, metrics = fitted
     run_dir = tmp / "demo" / "version_0"
     saved = json.loads((run_dir / "metrics.json").read_text())
-    assert {"test/acc", "test/acc5", "best_val/acc", "best_checkpoint", "epochs"} <= saved.keys()
+    assert {"test/acc", "test/acc5", "test/stage1_acc", "test/stage2_acc", "best_val/acc", "best_checkpoint", "epochs"} <= saved.keys()
     assert 0.0 <= saved["test/acc"] <= 1.0
     assert Path(saved["best_checkpoint"]).is_file()
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
@@ -72,13 +73,17 @@ def test_predict_writes_csv(fitted, cub_root, tmp_path):
     assert len(rows) == 24  # the whole test split, once each
     assert rows[0]["path"].startswith("images/") and rows[0]["pred_name"].endswith("_Bird")
     assert 0.0 < float(rows[0]["prob"]) <= 1.0
+    x1, y1, x2, y2 = (float(rows[0][k]) for k in ("box_x1", "box_y1", "box_x2", "box_y2"))
+    assert 0 <= x1 < x2 <= 96 and 0 <= y1 < y2 <= 96  # the cropper's box, in input pixels
 
 
 def test_print_config_lists_linked_model(cub_root, tmp_path, capsys):
     with pytest.raises(SystemExit):
         fit_run(tiny_args(tmp_path, cub_root, "--print_config"))
     out = capsys.readouterr().out
-    assert "class_path: mgff.lit.FineGrainedClassifier" in out and "fusion_dim: 64" in out
+    assert "class_path: mgff.lit.TwoStageClassifier" in out and "fusion_dim: 64" in out
+    model_args = yaml.safe_load(open(DEMO))["model"]["init_args"]
+    assert "num_classes" not in model_args and "class_names" not in model_args  # linked from the data
 
 
 def test_wrong_config_value_is_named(cub_root, tmp_path, capsys):

@@ -43,7 +43,7 @@ from benchmarks.measure import (
     print_table, resolve_clock, synchronize, time_interleaved, warm_up, write_json,
 )
 from benchmarks.model_throughput import make_train_step
-from benchmarks.presets import PRESETS, backbones, build_model, image_size
+from benchmarks.presets import ATTENTION_CHOICES, PRESETS, backbones, build_model, image_size, set_timm_attention
 from mgff.models.heads import LinearHead
 
 HEAD_TIME_TARGET = 0.10  # issue 3: the head adds at most 10 % to the backbone's time
@@ -66,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--iters", type=int, default=1, help="calls per timed block")
     parser.add_argument("--repeats", type=int, default=5, help="rounds of timed blocks; the median is reported")
     parser.add_argument("--min-block-s", type=float, default=0.2, help="more calls per block for parts faster than this")
+    parser.add_argument("--timm-attention", choices=ATTENTION_CHOICES, default="default",
+                        help="default: timm's (Swin window attention unfused); fused: SDPA in Swin too (TIMM_FUSED_ATTN=2)")
     parser.add_argument("--clock", choices=("auto", "wall", "cpu"), default="auto",
                         help="auto: CUDA events on a GPU, process CPU time on the CPU (robust on a shared machine)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (the CPU is shared)")
@@ -124,6 +126,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Measure, print the tables, return (and optionally write) the results."""
     args = build_parser().parse_args(argv)
     device = torch.device(args.device)
+    set_timm_attention(args.timm_attention)
     backbone = args.backbone or backbones(args.preset)[0]
     overrides = parse_overrides(args.set)
     clock = resolve_clock(args.clock, device)
@@ -226,7 +229,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     load = f"load average {info['loadavg'][0]:.2f} -> {load_after[0]:.2f}"
     where = (f"{device} ({info.get('gpu', info['cpu'])}), {args.precision}, batch {b}, {info['torch_threads']} thread(s), "
              f"{clock} clock")
-    setting = f"preset {args.preset} ({backbone}{', ' + ', '.join(args.set) if args.set else ''})"
+    notes = list(args.set) + ([f"timm attention {args.timm_attention}"] if args.timm_attention != "default" else [])
+    setting = f"preset {args.preset} ({', '.join([backbone, *notes])})"
     tables = [print_table(
         f"Parts of the model, {setting}, {size} px; {where}; {load}",
         [("part", "part", ""), ("params_m", "params M", ".2f"), ("trainable_m", "trainable M", ".2f"),
@@ -245,7 +249,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "Issue 4: two-stage vs single-stage, same classifier (target: <= 2.3x)",
         [("what", "", ""), ("ratio", "ratio", ".2f"), ("cropper", "cropper / classifier", ".2f"), ("verdict", "target", "")],
         [dict(what="FLOPs", ratio=two_stage["flop_ratio"], cropper=two_stage["cropper_over_classifier_flops"], verdict=two_stage["flop_verdict"]),
-         dict(what="time", ratio=two_stage["time_ratio"], cropper=two_stage["cropper_over_classifier_time"], verdict=two_stage["time_verdict"])],
+         dict(what="time", ratio=two_stage["time_ratio"], cropper=two_stage["cropper_over_classifier_time"], verdict=two_stage["time_verdict"]),
+         dict(what="time, parts summed (2 + cropper / classifier)", ratio=2 + two_stage["cropper_over_classifier_time"],
+              cropper=two_stage["cropper_over_classifier_time"], verdict="")],
     ))
     train_columns = [("model", "model", ""), ("fwd_gflops", "fwd GFLOP/img", ".2f"), ("train_gflops_3x", "train 3x fwd", ".2f")]
     if args.train_flops:

@@ -32,6 +32,7 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -46,7 +47,7 @@ from benchmarks.measure import (
     PeakMemory, autocast, count_flops, default_peak_tflops, describe_machine, machine_info, num_threads,
     parse_list, print_table, resolve_clock, time_interleaved, warm_up, write_json,
 )
-from benchmarks.presets import MODEL_KINDS, PRESETS, backbones, build_model, image_size
+from benchmarks.presets import ATTENTION_CHOICES, MODEL_KINDS, PRESETS, backbones, build_model, image_size, set_timm_attention
 from mgff.lit.optim import build_optimizer, param_groups
 
 DEFAULT_BATCH_SIZES = {"tiny": "8,32", "paper": "16,32"}
@@ -92,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--iters", type=int, default=5, help="calls per timed block")
     parser.add_argument("--repeats", type=int, default=5, help="timed blocks; the median is reported")
     parser.add_argument("--min-block-s", type=float, default=0.2, help="more calls per block for steps faster than this")
+    parser.add_argument("--timm-attention", choices=ATTENTION_CHOICES, default="default",
+                        help="default: timm's (Swin window attention unfused); fused: SDPA in Swin too (TIMM_FUSED_ATTN=2)")
     parser.add_argument("--clock", choices=("auto", "wall", "cpu"), default="auto",
                         help="auto: CUDA events on a GPU, process CPU time on the CPU (robust on a shared machine)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (the CPU is shared)")
@@ -224,6 +227,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the sweep, print the table, return (and optionally write) ``{"machine", "command", "rows", ...}``."""
     args = build_parser().parse_args(argv)
     device = torch.device(args.device)
+    set_timm_attention(args.timm_attention)
     clock = resolve_clock(args.clock, device)
     names = parse_list(args.backbones, allowed=backbones(args.preset)) if args.backbones else backbones(args.preset)
     kinds = parse_list(args.models, allowed=MODEL_KINDS)
@@ -270,10 +274,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                                       file=sys.stderr, flush=True)
         peaks = {p: args.peak_tflops or default_peak_tflops(device, p) for p in precisions}
         add_ratios_and_mfu(rows, flops, peaks)
-        load_after = list(__import__("os").getloadavg())
+        load_after = list(os.getloadavg())
 
     memory_kind = PeakMemory(device).kind
-    title = (f"Throughput, preset {args.preset}, {device} ({info.get('gpu', info['cpu'])}), {info['torch_threads']} "
+    attention = f", timm attention {args.timm_attention}" if args.timm_attention != "default" else ""
+    title = (f"Throughput, preset {args.preset}{attention}, {device} ({info.get('gpu', info['cpu'])}), {info['torch_threads']} "
              f"thread(s), {clock} clock, memory = {memory_kind}, load average {info['loadavg'][0]:.2f} -> {load_after[0]:.2f}")
     columns = [c for c in COLUMNS if any(r.get(c[0]) is not None for r in rows)]
     table = print_table(title, columns, rows)

@@ -22,16 +22,21 @@ import inspect
 from pathlib import Path
 from typing import Any
 
+import timm.layers
 import yaml
 
 from mgff.lit import FineGrainedClassifier, TwoStageClassifier
 
-__all__ = ["MODEL_KINDS", "PRESETS", "REPO_ROOT", "backbones", "build_model", "image_size", "preset_kwargs"]
+__all__ = [
+    "ATTENTION_CHOICES", "MODEL_KINDS", "PRESETS", "REPO_ROOT", "backbones", "build_model", "image_size", "preset_kwargs",
+    "set_timm_attention",
+]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PAPER_CONFIG = REPO_ROOT / "experiments" / "cub.yaml"
 MODEL_KINDS = ("linear", "mgff", "two_stage")
 PRESETS = ("tiny", "paper")
+ATTENTION_CHOICES = ("default", "fused")
 NUM_CLASSES = 200  # CUB-200-2011
 
 _TINY_HEAD = dict(
@@ -134,3 +139,14 @@ def build_model(
 def image_size(preset: str, backbone: str) -> int:
     """Side of the square input images of a preset (the paper: 384)."""
     return int(preset_kwargs(preset)[backbone].get("img_size") or 384)
+
+
+def set_timm_attention(choice: str) -> None:
+    """How timm builds attention from now on. ``default``: timm's own choice, fused
+    ``scaled_dot_product_attention`` in ViT blocks but an explicit softmax in Swin's window attention
+    (timm marks fused Swin attention experimental); ``fused``: fused everywhere (``TIMM_FUSED_ATTN=2``).
+    The cropper computes its attention explicitly either way (it needs the probabilities)."""
+    if choice not in ATTENTION_CHOICES:
+        raise ValueError(f"attention must be one of {ATTENTION_CHOICES}, got {choice!r}")
+    if choice == "fused":
+        timm.layers.set_fused_attn(True, experimental=True)

@@ -5,8 +5,10 @@ Three things make the data of a resumed run equal to that of an uninterrupted on
 - **order**: the training permutation is a function of ``(seed, epoch)`` only
   (:class:`ResumableShuffleSampler`, the same order as Lightning's default ``DistributedSampler``);
 - **position**: :class:`ResumableDataLoader` counts the batches it has handed to the training loop;
-  Lightning stores that count in every checkpoint (``state_dict``/``load_state_dict``) and the resumed
-  loader skips those batches' indices without loading their images;
+  that count goes into every checkpoint (``state_dict``/``load_state_dict``, called by Lightning's fit
+  loop and by :class:`mgff.callbacks.resume_state.ResumeStateCheckpoint`, which also gives it back in
+  the cases where Lightning does not) and the resumed loader skips those batches' indices without
+  loading their images;
 - **augmentation**: albumentations keeps its own random generators, which ``seed_everything`` does not
   touch (every fresh ``Compose`` draws OS entropy). :class:`ItemSeededDataset` seeds the training
   transform (:class:`SeededTransform`) per item from ``(seed, epoch, index)``, so an image's crop and
@@ -140,11 +142,11 @@ class ResumableDataLoader(DataLoader):
     """A training ``DataLoader`` over a :class:`ResumableShuffleSampler` that resumes mid-epoch.
 
     :meth:`state_dict` records the sampler's seed and epoch and how many batches of that epoch the
-    training loop has taken; Lightning saves it with the fit loop in every checkpoint and calls
-    :meth:`load_state_dict` on resume, after which the rest of that epoch is exactly the batches the
-    stopped run had not trained on yet. Worker seeds come from ``(seed, epoch)`` through the loader's own
-    generator, so iterating the loader never draws from the global torch generator (the model's
-    dropout stream stays the same whether or not a run was resumed).
+    training loop has taken; after :meth:`load_state_dict` (before the epoch's first batch), the rest
+    of that epoch is exactly the batches the stopped run had not trained on yet. Worker seeds come
+    from ``(seed, epoch)`` through the loader's own generator, so iterating the loader never draws
+    from the global torch generator (the model's dropout stream stays the same whether or not a run
+    was resumed).
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:

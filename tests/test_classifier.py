@@ -125,3 +125,14 @@ def test_warmup_cosine_schedule():
     assert f(10) == pytest.approx(1.0)
     assert f(55) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
     assert f(100) == pytest.approx(0.1)
+
+
+def test_checkpoint_of_another_class_or_size_is_refused_by_name():
+    from mgff.lit.classifier import check_compatible_hparams
+
+    current = {"backbone": "resnet10t", "head": "mgff", "num_classes": 5}
+    with pytest.raises(ValueError, match=r"saved by a TwoStageClassifier .* not by this FineGrainedClassifier"):
+        check_compatible_hparams("FineGrainedClassifier", current, {**current, "_class_path": "mgff.lit.TwoStageClassifier"})
+    with pytest.raises(ValueError, match=r"num_classes: checkpoint 200 vs this model 5"):
+        check_compatible_hparams("FineGrainedClassifier", current, {**current, "num_classes": 200})
+    check_compatible_hparams("FineGrainedClassifier", current, {**current, "_class_path": "mgff.lit.FineGrainedClassifier"})

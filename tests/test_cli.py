@@ -22,8 +22,8 @@ def data_args(tmp_path: Path, cub_root: Path, *extra: str) -> list[str]:
         "--config", DEMO,
         "--data.class_path", "data_modules.CUB200DataModule",
         "--data.init_args.root", str(cub_root),
-        "--data.init_args.resize_size", "104",
-        "--data.init_args.crop_size", "96",
+        "--data.init_args.resize_size", "80",
+        "--data.init_args.crop_size", "64",
         "--data.init_args.batch_size", "8",
         "--data.init_args.num_workers", "0",
         "--trainer.enable_progress_bar", "false",
@@ -74,7 +74,7 @@ def test_predict_writes_csv(fitted, cub_root, tmp_path):
     assert rows[0]["path"].startswith("images/") and rows[0]["pred_name"].endswith("_Bird")
     assert 0.0 < float(rows[0]["prob"]) <= 1.0
     x1, y1, x2, y2 = (float(rows[0][k]) for k in ("box_x1", "box_y1", "box_x2", "box_y2"))
-    assert 0 <= x1 < x2 <= 96 and 0 <= y1 < y2 <= 96  # the cropper's box, in input pixels
+    assert 0 <= x1 < x2 <= 64 and 0 <= y1 < y2 <= 64  # the cropper's box, in input pixels
 
 
 def test_print_config_lists_linked_model(cub_root, tmp_path, capsys):

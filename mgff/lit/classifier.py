@@ -256,7 +256,11 @@ def accuracy_metrics(num_classes: int, class_parents: Sequence[int] | None = Non
 
 
 def check_compatible_hparams(model_name: str, current: dict[str, Any], saved: dict[str, Any]) -> None:
-    """Raise ``ValueError`` naming every architecture hyperparameter on which a checkpoint differs."""
+    """Raise ``ValueError`` naming every architecture hyperparameter on which a checkpoint differs,
+    and the model class when the checkpoint was saved by another one (the CLI stores ``_class_path``)."""
+    saved_class = str(saved.get("_class_path", "")).rsplit(".", 1)[-1]
+    if saved_class and saved_class != model_name:
+        raise ValueError(f"checkpoint was saved by a {saved_class} ({saved['_class_path']}), not by this {model_name}")
     diffs = []
     for key in ARCHITECTURE_KEYS:
         if key in saved and key in current and _normalise(saved[key]) != _normalise(current[key]):

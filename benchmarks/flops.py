@@ -40,7 +40,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 from benchmarks.measure import (
     autocast, count_flops, count_params, default_peak_tflops, describe_machine, machine_info, num_threads,
-    print_table, resolve_clock, synchronize, time_interleaved, warm_up, write_json,
+    paired_ratio, print_table, resolve_clock, synchronize, time_interleaved, warm_up, write_json,
 )
 from benchmarks.model_throughput import make_train_step
 from benchmarks.presets import ATTENTION_CHOICES, PRESETS, backbones, build_model, image_size, set_timm_attention
@@ -49,6 +49,9 @@ from mgff.models.heads import LinearHead
 HEAD_TIME_TARGET = 0.10  # issue 3: the head adds at most 10 % to the backbone's time
 TWO_STAGE_TARGET = 2.3  # issue 4: two-stage inference at most 2.3x the single-stage one
 H100_BF16_TFLOPS = 989.0
+SINGLE = "single-stage (backbone + mgff head)"
+TWO = "two-stage (cropper + 2 x single-stage)"
+CROPPER = "cropper (ViT + box + crop)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -153,9 +156,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "backbone": (lambda: model.backbone(images), model.backbone),
             "linear head": (lambda: linear_head(features), linear_head),
             "mgff head": (lambda: model.head(features), model.head),
-            "single-stage (backbone + mgff head)": (lambda: model.classify(images), [model.backbone, model.head]),
-            "cropper (ViT + box + crop)": (lambda: model.localize(images), model.cropper),
-            "two-stage (cropper + 2 x single-stage)": (lambda: model.forward_outputs(images), model),
+            SINGLE: (lambda: model.classify(images), [model.backbone, model.head]),
+            CROPPER: (lambda: model.localize(images), model.cropper),
+            TWO: (lambda: model.forward_outputs(images), model),
         }
         calls = {name: run(fn) for name, (fn, _) in parts.items()}
         flops, first_s = {}, {}
@@ -186,20 +189,30 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
         # ----- issue 3 and issue 4 ratios
         bb, head, lin = by["backbone"], by["mgff head"], by["linear head"]
-        single, two, crop = by["single-stage (backbone + mgff head)"], by["two-stage (cropper + 2 x single-stage)"], by["cropper (ViT + box + crop)"]
+        single, two, crop = by[SINGLE], by[TWO], by[CROPPER]
+        names = {"bb": "backbone", "head": "mgff head", "lin": "linear head", "single": SINGLE, "two": TWO, "crop": CROPPER}
+
+        def time_ratio(a: str, b: str) -> tuple[float, float, float]:
+            return paired_ratio(timings[names[a]], timings[names[b]])
+
+        head_time, lin_time, two_time, crop_time = (
+            time_ratio("head", "bb"), time_ratio("lin", "bb"), time_ratio("two", "single"), time_ratio("crop", "single")
+        )
         head_share = dict(
             params_pct=100 * head["params_m"] / bb["params_m"],
             flops_pct=100 * head["gflops"] / bb["gflops"],
-            time_pct=100 * head["ms"] / bb["ms"],
-            linear_time_pct=100 * lin["ms"] / bb["ms"],
+            time_pct=100 * head_time[0],
+            time_pct_range=f"{100 * head_time[1]:.1f}-{100 * head_time[2]:.1f}",
+            linear_time_pct=100 * lin_time[0],
         )
         head_share["verdict"] = verdict(head_share["time_pct"], 100 * HEAD_TIME_TARGET, unit="%")
         two_stage = dict(
             flop_ratio=two["gflops"] / single["gflops"],
-            time_ratio=two["ms"] / single["ms"],
+            time_ratio=two_time[0],
+            time_ratio_range=f"{two_time[1]:.2f}-{two_time[2]:.2f}",
             cropper_over_classifier_flops=crop["gflops"] / single["gflops"],
-            cropper_over_classifier_time=crop["ms"] / single["ms"],
-            unexplained_time_ratio=(two["ms"] - crop["ms"] - 2 * single["ms"]) / single["ms"],
+            cropper_over_classifier_time=crop_time[0],
+            cropper_over_classifier_time_range=f"{crop_time[1]:.2f}-{crop_time[2]:.2f}",
         )
         two_stage["flop_verdict"] = verdict(two_stage["flop_ratio"], TWO_STAGE_TARGET)
         two_stage["time_verdict"] = verdict(two_stage["time_ratio"], TWO_STAGE_TARGET)
@@ -222,7 +235,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
         profiles = {}
         if args.profile:
-            for name in ("mgff head", "two-stage (cropper + 2 x single-stage)"):
+            for name in ("mgff head", TWO):
                 profiles[name] = profile_top_ops(calls[name], device, calls=args.profile_calls, rows=args.profile_rows)
 
     # ----- print
@@ -238,20 +251,24 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         rows,
     )]
     tables.append(print_table(
-        "Issue 3: MGFF head vs backbone (target: head time <= 10% of backbone time)",
+        "Issue 3: MGFF head vs backbone (target: head time <= 10% of backbone time); time: median over rounds (min-max)",
         [("what", "", ""), ("params_pct", "params %", ".2f"), ("flops_pct", "FLOPs %", ".2f"), ("time_pct", "time %", ".1f"),
-         ("verdict", "time target", "")],
-        [dict(what="mgff head / backbone", **{k: head_share[k] for k in ("params_pct", "flops_pct", "time_pct", "verdict")}),
+         ("range", "time % rounds", ""), ("verdict", "time target", "")],
+        [dict(what="mgff head / backbone", range=head_share["time_pct_range"],
+              **{k: head_share[k] for k in ("params_pct", "flops_pct", "time_pct", "verdict")}),
          dict(what="linear head / backbone", params_pct=100 * lin["params_m"] / bb["params_m"],
-              flops_pct=100 * lin["gflops"] / bb["gflops"], time_pct=head_share["linear_time_pct"], verdict="")],
+              flops_pct=100 * lin["gflops"] / bb["gflops"], time_pct=head_share["linear_time_pct"], range="", verdict="")],
     ))
     tables.append(print_table(
-        "Issue 4: two-stage vs single-stage, same classifier (target: <= 2.3x)",
-        [("what", "", ""), ("ratio", "ratio", ".2f"), ("cropper", "cropper / classifier", ".2f"), ("verdict", "target", "")],
-        [dict(what="FLOPs", ratio=two_stage["flop_ratio"], cropper=two_stage["cropper_over_classifier_flops"], verdict=two_stage["flop_verdict"]),
-         dict(what="time", ratio=two_stage["time_ratio"], cropper=two_stage["cropper_over_classifier_time"], verdict=two_stage["time_verdict"]),
+        "Issue 4: two-stage vs single-stage, same classifier (target: <= 2.3x); time: median over rounds (min-max)",
+        [("what", "", ""), ("ratio", "two / single", ".2f"), ("range", "rounds", ""), ("cropper", "cropper / classifier", ".2f"),
+         ("verdict", "target", "")],
+        [dict(what="FLOPs", ratio=two_stage["flop_ratio"], range="", cropper=two_stage["cropper_over_classifier_flops"],
+              verdict=two_stage["flop_verdict"]),
+         dict(what="time", ratio=two_stage["time_ratio"], range=two_stage["time_ratio_range"],
+              cropper=two_stage["cropper_over_classifier_time"], verdict=two_stage["time_verdict"]),
          dict(what="time, parts summed (2 + cropper / classifier)", ratio=2 + two_stage["cropper_over_classifier_time"],
-              cropper=two_stage["cropper_over_classifier_time"], verdict="")],
+              range="", cropper=two_stage["cropper_over_classifier_time"], verdict="")],
     ))
     train_columns = [("model", "model", ""), ("fwd_gflops", "fwd GFLOP/img", ".2f"), ("train_gflops_3x", "train 3x fwd", ".2f")]
     if args.train_flops:

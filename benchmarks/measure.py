@@ -41,7 +41,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 __all__ = [
     "PeakMemory", "Timing", "autocast", "count_flops", "count_params", "default_peak_tflops", "describe_machine",
-    "machine_info", "num_threads", "resolve_clock", "parse_list", "peak_tflops_for_name", "print_table", "synchronize",
+    "machine_info", "num_threads", "paired_ratio", "resolve_clock", "parse_list", "peak_tflops_for_name", "print_table", "synchronize",
     "time_block", "time_interleaved", "time_steps", "warm_up", "write_json",
 ]
 
@@ -121,6 +121,16 @@ class Timing:
     def rate(self, items_per_call: int) -> float:
         """Median items per second (e.g. images/s with ``items_per_call = batch size``)."""
         return items_per_call / self.per_call_s
+
+
+def paired_ratio(a: Timing, b: Timing) -> tuple[float, float, float]:
+    """Per-call time of ``a`` over ``b`` round by round (they were timed in turns, see
+    :func:`time_interleaved`): ``(median, min, max)`` over the rounds. A round's two blocks ran seconds
+    apart under about the same load, so this is steadier than the ratio of the two medians."""
+    if len(a.block_s) != len(b.block_s):
+        raise ValueError("paired_ratio needs timings of the same rounds")
+    ratios = [(ta / a.iters) / (tb / b.iters) for ta, tb in zip(a.block_s, b.block_s)]
+    return statistics.median(ratios), min(ratios), max(ratios)
 
 
 def warm_up(step: Callable[[], Any], device: torch.device, warmup: int = 2) -> float:

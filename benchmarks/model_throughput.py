@@ -12,8 +12,8 @@ For every configuration (backbone x model x batch size x precision x channels-la
 - **GFLOP/img**: forward FLOPs per image (``FlopCounterMode``, batch 1); **train TFLOP/s** = 3 x forward
   FLOPs x train images/s (the usual estimate: backward = 2 x forward) and **MFU** = that / the device's
   dense peak (``--peak-tflops``, by default from the GPU's name: H100 SXM / H200 bf16 989 TFLOP/s).
-- **x linear**: the configuration's time per image over the linear model's in the same configuration
-  (a ratio survives the noise of a shared machine better than images/s).
+- **x linear**: the configuration's time per image over the linear model's in the same configuration,
+  the median over the rounds of the in-turn timing (a ratio survives a shared machine better than images/s).
 
 ``channels_last`` and ``compile`` are the modules' own switches (``FineGrainedClassifier(channels_last=,
 compile=)``): the benchmark measures what a training run with them gets. ``compile`` compiles the
@@ -45,7 +45,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 from benchmarks.measure import (
     PeakMemory, autocast, count_flops, default_peak_tflops, describe_machine, machine_info, num_threads,
-    parse_list, print_table, resolve_clock, time_interleaved, warm_up, write_json,
+    paired_ratio, parse_list, print_table, resolve_clock, time_interleaved, warm_up, write_json,
 )
 from benchmarks.presets import ATTENTION_CHOICES, MODEL_KINDS, PRESETS, backbones, build_model, image_size, set_timm_attention
 from mgff.lit.optim import build_optimizer, param_groups
@@ -165,14 +165,15 @@ def measure_group(
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(batch_size, 3, size, size, generator=generator).to(device)
     labels = torch.randint(0, 200, (batch_size,), generator=generator).to(device)
-    torch._dynamo.reset()  # a fresh compile per configuration, no cache growing across them
+    if compile:
+        torch._dynamo.reset()  # a fresh compile per configuration, no cache growing across them
     results: dict[str, dict[str, Any]] = {}
-    steps, first_s, models = {}, {}, []
+    steps, first_s = {}, {}
     for kind in kinds:
+        model = step = None
         try:
             with PeakMemory(device) as memory:
                 model = build_model(preset, backbone, kind, channels_last=channels_last, compile=compile).to(device)
-                models.append(model)
                 if mode == "train":
                     step = make_train_step(model.train(), images, labels, precision)
                 else:
@@ -185,10 +186,12 @@ def measure_group(
             message = str(error).splitlines()[0][:80] if str(error) else ""
             results[kind] = {"status": f"{mode}: {type(error).__name__}: {message}"}
         else:
-            steps[kind] = step
+            steps[kind] = step  # the model lives on in its step until all are timed
             results[kind] = {f"{mode}_mem_mib": memory.mib, f"{mode}_first_s": first_s[kind]}
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        finally:
+            del model, step  # a model that failed must not hold memory while the others run
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     try:
         timings = time_interleaved(
             steps, device, iters=iters, repeats=repeats, first_s=first_s, min_block_s=min_block_s, clock=clock
@@ -197,21 +200,17 @@ def measure_group(
         return {kind: results[kind] if kind not in steps else {"status": f"{mode}: OOM"} for kind in kinds}
     for kind, timing in timings.items():
         results[kind].update({f"{mode}_ips": timing.rate(batch_size), f"{mode}_spread_pct": 100 * timing.spread})
-    del steps, models
+        if "linear" in timings:
+            results[kind][f"{mode}_cost_vs_linear"] = paired_ratio(timing, timings["linear"])[0]
+    del steps
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return results
 
 
-def add_ratios_and_mfu(rows: list[dict], flops: dict[tuple[str, str], int], peak_tflops: dict[str, float | None]) -> None:
-    """Fill ``*_cost_vs_linear``, ``fwd_gflops``, ``train_tflops`` and ``mfu_pct`` in place."""
-    keys = ("backbone", "batch_size", "precision", "channels_last", "compile")
-    linear = {tuple(r[k] for k in keys): r for r in rows if r["model"] == "linear"}
+def add_mfu(rows: list[dict], flops: dict[tuple[str, str], int], peak_tflops: dict[str, float | None]) -> None:
+    """Fill ``fwd_gflops``, ``train_tflops`` and ``mfu_pct`` in place."""
     for row in rows:
-        base = linear.get(tuple(row[k] for k in keys))
-        for mode in ("train", "infer"):
-            if base and base.get(f"{mode}_ips") and row.get(f"{mode}_ips"):
-                row[f"{mode}_cost_vs_linear"] = base[f"{mode}_ips"] / row[f"{mode}_ips"]
         fwd = flops.get((row["backbone"], row["model"]))
         if fwd is None:
             continue
@@ -273,7 +272,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                                       f"infer {row.get('infer_ips', 0):.1f} img/s ({row['status']})",
                                       file=sys.stderr, flush=True)
         peaks = {p: args.peak_tflops or default_peak_tflops(device, p) for p in precisions}
-        add_ratios_and_mfu(rows, flops, peaks)
+        add_mfu(rows, flops, peaks)
         load_after = list(os.getloadavg())
 
     memory_kind = PeakMemory(device).kind

@@ -15,7 +15,9 @@ if str(ROOT) not in sys.path:  # benchmarks/ is a folder of scripts, not an inst
     sys.path.insert(0, str(ROOT))
 
 from benchmarks import flops, model_throughput  # noqa: E402
-from benchmarks.measure import PeakMemory, parse_list, peak_tflops_for_name, print_table, time_interleaved  # noqa: E402
+from benchmarks.measure import (  # noqa: E402
+    PeakMemory, Timing, paired_ratio, parse_list, peak_tflops_for_name, print_table, time_interleaved,
+)
 from benchmarks.presets import build_model, preset_kwargs  # noqa: E402
 
 FAST = ["--warmup", "1", "--iters", "1", "--repeats", "1", "--min-block-s", "0"]
@@ -104,6 +106,9 @@ def test_helpers_time_in_turns_and_print_aligned_tables(capsys):
         torch.device("cpu"), iters=2, repeats=3,
     )
     assert calls == {"a": 6, "b": 6} and len(timings["a"].block_s) == 3 and timings["a"].rate(4) > 0
+    # round by round: a slow round (load) slows both and leaves their ratio alone
+    slow, fast = Timing(0.0, [2.0, 8.0, 2.2], iters=2), Timing(0.0, [1.0, 4.0, 1.0], iters=1)
+    assert paired_ratio(slow, fast) == pytest.approx((1.0, 1.0, 1.1))
     text = print_table("T", [("name", "name", ""), ("x", "x", ".1f")], [{"name": "long name", "x": 1.0}, {"name": "b", "x": None}])
     lines = text.strip().splitlines()[-4:]
     assert len({len(line) for line in lines}) == 1 and "n/a" in lines[-1]

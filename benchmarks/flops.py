@@ -231,6 +231,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 row["counted_over_fwd"] = row["train_gflops_counted"] / fwd
                 del m, step
             row["ips_for_mfu_target"] = args.mfu_target * peak * 1e12 / (3 * fwd * 1e9)
+            if args.train_flops:
+                row["ips_for_mfu_target_counted"] = args.mfu_target * peak * 1e12 / (row["train_gflops_counted"] * 1e9)
             train_rows.append(row)
 
         profiles = {}
@@ -273,7 +275,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     train_columns = [("model", "model", ""), ("fwd_gflops", "fwd GFLOP/img", ".2f"), ("train_gflops_3x", "train 3x fwd", ".2f")]
     if args.train_flops:
         train_columns += [("train_gflops_counted", "train counted", ".2f"), ("counted_over_fwd", "counted / fwd", ".2f")]
-    train_columns.append(("ips_for_mfu_target", f"img/s for {100 * args.mfu_target:.0f}% MFU @ {peak:g} TFLOP/s", ".0f"))
+    target = f"{100 * args.mfu_target:.0f}% MFU @ {peak:g} TFLOP/s"
+    train_columns.append(("ips_for_mfu_target", f"img/s for {target}", ".0f"))
+    if args.train_flops:
+        train_columns.append(("ips_for_mfu_target_counted", "same, counted FLOPs", ".0f"))
     tables.append(print_table("Training FLOPs per image and the throughput an MFU target asks for", train_columns, train_rows))
     for name, top in profiles.items():
         tables.append(print_table(

@@ -12,8 +12,10 @@ For every configuration (backbone x model x batch size x precision x channels-la
 - **GFLOP/img**: forward FLOPs per image (``FlopCounterMode``, batch 1); **train TFLOP/s** = 3 x forward
   FLOPs x train images/s (the usual estimate: backward = 2 x forward) and **MFU** = that / the device's
   dense peak (``--peak-tflops``, by default from the GPU's name: H100 SXM / H200 bf16 989 TFLOP/s).
-- **x linear**: the configuration's time per image over the linear model's in the same configuration,
-  the median over the rounds of the in-turn timing (a ratio survives a shared machine better than images/s).
+- **x linear**: the configuration's time per image over the linear model's in the same configuration;
+  **x plain** (second table, with ``--channels-last both`` / ``--compile both``): over the same model eager
+  and contiguous. Both are medians of per-round ratios: every variant of one backbone, batch size and
+  precision is timed in turns (a ratio survives a shared machine better than images/s).
 
 ``channels_last`` and ``compile`` are the modules' own switches (``FineGrainedClassifier(channels_last=,
 compile=)``): the benchmark measures what a training run with them gets. ``compile`` compiles the
@@ -67,10 +69,23 @@ COLUMNS = [
     ("infer_cost_vs_linear", "infer x linear", ".2f"),
     ("train_mem_mib", "train MiB", ".0f"),
     ("infer_mem_mib", "infer MiB", ".0f"),
-    ("train_first_s", "1st step s", ".2f"),
+    ("train_first_s", "1st train s", ".2f"),
+    ("infer_first_s", "1st infer s", ".2f"),
     ("fwd_gflops", "GFLOP/img", ".3f"),
     ("train_tflops", "train TFLOP/s", ".4f"),
     ("mfu_pct", "MFU %", ".1f"),
+]
+
+
+EFFECT_COLUMNS = [
+    ("backbone", "backbone", ""),
+    ("model", "model", ""),
+    ("batch_size", "batch", "d"),
+    ("precision", "prec", ""),
+    ("channels_last", "ch-last", ""),
+    ("compile", "compile", ""),
+    ("train_vs_plain", "train x plain", ".2f"),
+    ("infer_vs_plain", "infer x plain", ".2f"),
 ]
 
 
@@ -85,9 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-sizes", default=None, help="comma list (default: tiny 8,32; paper 16,32)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--precisions", default="fp32", help="comma list of fp32, bf16 (bf16 = autocast)")
-    parser.add_argument("--channels-last", choices=("off", "on", "both"), default="both", help="channels-last input")
+    parser.add_argument("--channels-last", choices=("off", "on", "both"), default="both",
+                        help="channels-last input; 'both' times the two side by side")
     parser.add_argument("--compile", choices=("off", "on", "both"), default="off",
-                        help="torch.compile the classifier (slow to compile on a CPU)")
+                        help="torch.compile the classifier (slow to compile on a CPU); 'both' times eager and compiled side by side")
     parser.add_argument("--modes", default="train,infer", help="comma list of train, infer")
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls before timing (the first compiles)")
     parser.add_argument("--iters", type=int, default=5, help="calls per timed block")
@@ -149,27 +165,41 @@ def forward_flops(preset: str, backbone: str, kind: str, device: torch.device) -
     return flops
 
 
+Variant = tuple[str, bool, bool]  # (model kind, channels_last, compile)
+
+
+def _allow_recompiles(variants: Sequence[Variant]) -> None:
+    """Every compiled model instance recompiles ``classify`` (dynamo guards on ``self``): start from a clean
+    cache and allow one entry per instance."""
+    if any(compile for _, _, compile in variants):
+        torch._dynamo.reset()
+        config = torch._dynamo.config
+        name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+        setattr(config, name, max(getattr(config, name), 4 * len(variants)))
+
+
 def measure_group(
-    preset: str, backbone: str, kinds: Sequence[str], mode: str, batch_size: int, precision: str,
-    channels_last: bool, compile: bool, device: torch.device, warmup: int, iters: int, repeats: int,
-    min_block_s: float = 0.0, clock: str = "wall",
-) -> dict[str, dict[str, Any]]:
-    """``mode`` (``train`` or ``infer``) images/s, spread, peak memory and first-call seconds of each model kind
-    in one configuration: ``{kind: {"<mode>_ips": ..., ...}}`` (``{"status": ...}`` where it failed).
+    preset: str, backbone: str, variants: Sequence[Variant], mode: str, batch_size: int, precision: str,
+    device: torch.device, warmup: int, iters: int, repeats: int, min_block_s: float = 0.0, clock: str = "wall",
+) -> dict[Variant, dict[str, Any]]:
+    """``mode`` (``train`` or ``infer``) images/s, spread, peak memory and first-call seconds of each variant
+    (model kind, channels-last, compile) of one backbone, batch size and precision:
+    ``{variant: {"<mode>_ips": ..., ...}}`` (``{"status": ...}`` where it failed).
 
     Each model is built and warmed up alone, inside its own :class:`PeakMemory` (weights included), then
     all are timed in turns (:func:`time_interleaved`), so that the ratios between them survive a shared
-    machine's changing load.
+    machine's changing load: ``<mode>_cost_vs_linear`` (over the linear model with the same switches) and
+    ``<mode>_vs_plain`` (over the same model eager and contiguous).
     """
     size = image_size(preset, backbone)
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(batch_size, 3, size, size, generator=generator).to(device)
     labels = torch.randint(0, 200, (batch_size,), generator=generator).to(device)
-    if compile:
-        torch._dynamo.reset()  # a fresh compile per configuration, no cache growing across them
-    results: dict[str, dict[str, Any]] = {}
+    _allow_recompiles(variants)
+    results: dict[Variant, dict[str, Any]] = {}
     steps, first_s = {}, {}
-    for kind in kinds:
+    for variant in variants:
+        kind, channels_last, compile = variant
         model = step = None
         try:
             with PeakMemory(device) as memory:
@@ -178,16 +208,16 @@ def measure_group(
                     step = make_train_step(model.train(), images, labels, precision)
                 else:
                     step = make_infer_step(model.eval(), images, precision)
-                first_s[kind] = warm_up(step, device, warmup)
+                first_s[variant] = warm_up(step, device, warmup)
         except torch.OutOfMemoryError:
-            results[kind] = {"status": f"{mode}: OOM"}
+            results[variant] = {"status": f"{mode}: OOM"}
         except Exception as error:  # one failing configuration (e.g. a compile error) must not end the sweep
             traceback.print_exc(file=sys.stderr)
             message = str(error).splitlines()[0][:80] if str(error) else ""
-            results[kind] = {"status": f"{mode}: {type(error).__name__}: {message}"}
+            results[variant] = {"status": f"{mode}: {type(error).__name__}: {message}"}
         else:
-            steps[kind] = step  # the model lives on in its step until all are timed
-            results[kind] = {f"{mode}_mem_mib": memory.mib, f"{mode}_first_s": first_s[kind]}
+            steps[variant] = step  # the model lives on in its step until all are timed
+            results[variant] = {f"{mode}_mem_mib": memory.mib, f"{mode}_first_s": first_s[variant]}
         finally:
             del model, step  # a model that failed must not hold memory while the others run
             if device.type == "cuda":
@@ -197,11 +227,15 @@ def measure_group(
             steps, device, iters=iters, repeats=repeats, first_s=first_s, min_block_s=min_block_s, clock=clock
         )
     except torch.OutOfMemoryError:
-        return {kind: results[kind] if kind not in steps else {"status": f"{mode}: OOM"} for kind in kinds}
-    for kind, timing in timings.items():
-        results[kind].update({f"{mode}_ips": timing.rate(batch_size), f"{mode}_spread_pct": 100 * timing.spread})
-        if "linear" in timings:
-            results[kind][f"{mode}_cost_vs_linear"] = paired_ratio(timing, timings["linear"])[0]
+        return {v: results[v] if v not in steps else {"status": f"{mode}: OOM"} for v in variants}
+    for (kind, channels_last, compile), timing in timings.items():
+        result = results[(kind, channels_last, compile)]
+        result.update({f"{mode}_ips": timing.rate(batch_size), f"{mode}_spread_pct": 100 * timing.spread})
+        linear, plain = ("linear", channels_last, compile), (kind, False, False)
+        if linear in timings:
+            result[f"{mode}_cost_vs_linear"] = paired_ratio(timing, timings[linear])[0]
+        if plain in timings and plain != (kind, channels_last, compile):
+            result[f"{mode}_vs_plain"] = paired_ratio(timing, timings[plain])[0]
     del steps
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -247,30 +281,34 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         for name in names:
             for batch_size in batch_sizes:
                 for precision in precisions:
-                    for channels_last in _switch(args.channels_last):
-                        for compile in _switch(args.compile):
-                            group = {
-                                kind: dict(backbone=name, model=kind, batch_size=batch_size, precision=precision,
-                                           channels_last="yes" if channels_last else "no",
-                                           compile="yes" if compile else "no", status="ok")
-                                for kind in kinds
-                            }
-                            for mode in modes:
-                                measured = measure_group(
-                                    args.preset, name, kinds, mode, batch_size, precision, channels_last, compile,
-                                    device, args.warmup, args.iters, args.repeats, args.min_block_s, clock,
-                                )
-                                for kind, values in measured.items():
-                                    status = values.pop("status", None)
-                                    if status:
-                                        group[kind]["status"] = status if group[kind]["status"] == "ok" else f"{group[kind]['status']}; {status}"
-                                    group[kind].update(values)
-                            for row in group.values():
-                                rows.append(row)
-                                print(f"  done {name} {row['model']} bs={batch_size} {precision} cl={row['channels_last']} "
-                                      f"compile={row['compile']}: train {row.get('train_ips', 0):.1f} img/s, "
-                                      f"infer {row.get('infer_ips', 0):.1f} img/s ({row['status']})",
-                                      file=sys.stderr, flush=True)
+                    variants = [
+                        (kind, channels_last, compile)
+                        for channels_last in _switch(args.channels_last)
+                        for compile in _switch(args.compile)
+                        for kind in kinds
+                    ]
+                    group = {
+                        v: dict(backbone=name, model=v[0], batch_size=batch_size, precision=precision,
+                                channels_last="yes" if v[1] else "no", compile="yes" if v[2] else "no", status="ok")
+                        for v in variants
+                    }
+                    for mode in modes:
+                        measured = measure_group(
+                            args.preset, name, variants, mode, batch_size, precision, device,
+                            args.warmup, args.iters, args.repeats, args.min_block_s, clock,
+                        )
+                        for variant, values in measured.items():
+                            row = group[variant]
+                            status = values.pop("status", None)
+                            if status:
+                                row["status"] = status if row["status"] == "ok" else f"{row['status']}; {status}"
+                            row.update(values)
+                    for row in group.values():
+                        rows.append(row)
+                        print(f"  done {name} {row['model']} bs={batch_size} {precision} cl={row['channels_last']} "
+                              f"compile={row['compile']}: train {row.get('train_ips', 0):.1f} img/s, "
+                              f"infer {row.get('infer_ips', 0):.1f} img/s ({row['status']})",
+                              file=sys.stderr, flush=True)
         peaks = {p: args.peak_tflops or default_peak_tflops(device, p) for p in precisions}
         add_mfu(rows, flops, peaks)
         load_after = list(os.getloadavg())
@@ -281,6 +319,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
              f"thread(s), {clock} clock, memory = {memory_kind}, load average {info['loadavg'][0]:.2f} -> {load_after[0]:.2f}")
     columns = [c for c in COLUMNS if any(r.get(c[0]) is not None for r in rows)]
     table = print_table(title, columns, rows)
+    effects = [r for r in rows if r.get("train_vs_plain") is not None or r.get("infer_vs_plain") is not None]
+    if effects:
+        table += "\n" + print_table(
+            "Effect of channels-last / torch.compile: time per image over the same model eager and contiguous "
+            "(< 1: faster), median of the per-round ratios",
+            [c for c in EFFECT_COLUMNS if any(r.get(c[0]) is not None for r in effects)], effects,
+        )
     failed = [r for r in rows if r["status"] != "ok"]
     for r in failed:
         print(f"  not measured: {r['backbone']} {r['model']} bs={r['batch_size']} {r['precision']} "

@@ -49,6 +49,17 @@ def test_model_throughput_measures_the_three_models(tmp_path, capsys):
     assert json.loads(out.read_text())["rows"][2]["model"] == "two_stage"
 
 
+def test_model_throughput_times_channels_last_beside_contiguous(capsys):
+    payload = model_throughput.main(
+        ["--preset", "tiny", "--backbones", "resnet10t", "--models", "linear", "--batch-sizes", "2", "--modes", "infer",
+         "--channels-last", "both", "--no-flops", *FAST]
+    )
+    plain, channels_last = payload["rows"]
+    assert (plain["channels_last"], channels_last["channels_last"]) == ("no", "yes")
+    assert "infer_vs_plain" not in plain and channels_last["infer_vs_plain"] > 0
+    assert "Effect of channels-last / torch.compile" in capsys.readouterr().out
+
+
 def test_flops_reports_shares_ratios_training_flops_and_a_profile(capsys):
     payload = flops.main(
         ["--preset", "tiny", "--train-flops", "--profile", "--profile-calls", "1", "--profile-rows", "3", *FAST]

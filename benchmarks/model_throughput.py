@@ -8,7 +8,8 @@ For every configuration (backbone x model x batch size x precision x channels-la
   ``benchmarks/data_pipeline.py`` for that side).
 - **infer**: ``forward_outputs`` in eval mode under ``torch.inference_mode`` (the two-stage model: cropper,
   stage 1, stage 2, merge).
-- **peak memory** of each (CUDA: max allocated; CPU: peak RSS delta, see ``benchmarks/measure.py``).
+- **peak memory** of each (CUDA: max allocated; CPU: peak RSS delta, see ``benchmarks/measure.py``), and
+  the wall seconds of the **1st** call (compilation included).
 - **GFLOP/img**: forward FLOPs per image (``FlopCounterMode``, batch 1); **train TFLOP/s** = 3 x forward
   FLOPs x train images/s (the usual estimate: backward = 2 x forward) and **MFU** = that / the device's
   dense peak (``--peak-tflops``, by default from the GPU's name: H100 SXM / H200 bf16 989 TFLOP/s).
@@ -107,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--modes", default="train,infer", help="comma list of train, infer")
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls before timing (the first compiles)")
     parser.add_argument("--iters", type=int, default=5, help="calls per timed block")
-    parser.add_argument("--repeats", type=int, default=5, help="timed blocks; the median is reported")
+    parser.add_argument("--repeats", type=int, default=5, help="rounds of timed blocks (one per variant); the median is reported")
     parser.add_argument("--min-block-s", type=float, default=0.2, help="more calls per block for steps faster than this")
     parser.add_argument("--timm-attention", choices=ATTENTION_CHOICES, default="default",
                         help="default: timm's (Swin window attention unfused); fused: SDPA in Swin too (TIMM_FUSED_ATTN=2)")

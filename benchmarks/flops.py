@@ -139,11 +139,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         info = machine_info(device)
         print(f"# {command}\n# {describe_machine(info)}", flush=True)
         size = image_size(args.preset, backbone)
-        b = args.batch_size
-        images = torch.randn(b, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
+        batch = args.batch_size
+        images = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
         model = build_model(args.preset, backbone, "two_stage", overrides=overrides).to(device).eval()
         linear_head = LinearHead(model.backbone.feature_channels, model.backbone.feature_reductions, model.hparams.num_classes).to(device).eval()
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast(device, args.precision):  # the heads get what they get in the model
             features = [f.clone() for f in model.backbone(images)]
 
         def run(fn):
@@ -162,10 +162,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         }
         calls = {name: run(fn) for name, (fn, _) in parts.items()}
         flops, first_s = {}, {}
-        for name, (fn, _) in parts.items():
-            with torch.inference_mode():  # counted in fp32: FLOPs do not depend on the precision
-                flops[name] = count_flops(fn)[0] / b
-            first_s[name] = warm_up(calls[name], device, args.warmup)
+        for name, call in calls.items():
+            flops[name] = count_flops(call)[0] / batch  # the first call, also a warm-up
+            first_s[name] = warm_up(call, device, args.warmup)
         timings = time_interleaved(
             calls, device, iters=args.iters, repeats=args.repeats, first_s=first_s, min_block_s=args.min_block_s,
             clock=clock,
@@ -182,7 +181,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 trainable_m=sum(count_params(m, trainable_only=True) for m in modules) / 1e6,
                 gflops=flops[name] / 1e9,
                 ms=1000 * t.per_call_s,
-                ms_per_image=1000 * t.per_call_s / b,
+                ms_per_image=1000 * t.per_call_s / batch,
                 spread_pct=100 * t.spread,
             ))
         by = {r["part"]: r for r in rows}
@@ -190,14 +189,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         # ----- issue 3 and issue 4 ratios
         bb, head, lin = by["backbone"], by["mgff head"], by["linear head"]
         single, two, crop = by[SINGLE], by[TWO], by[CROPPER]
-        names = {"bb": "backbone", "head": "mgff head", "lin": "linear head", "single": SINGLE, "two": TWO, "crop": CROPPER}
-
-        def time_ratio(a: str, b: str) -> tuple[float, float, float]:
-            return paired_ratio(timings[names[a]], timings[names[b]])
-
-        head_time, lin_time, two_time, crop_time = (
-            time_ratio("head", "bb"), time_ratio("lin", "bb"), time_ratio("two", "single"), time_ratio("crop", "single")
-        )
+        head_time = paired_ratio(timings["mgff head"], timings["backbone"])
+        lin_time = paired_ratio(timings["linear head"], timings["backbone"])
+        two_time = paired_ratio(timings[TWO], timings[SINGLE])
+        crop_time = paired_ratio(timings[CROPPER], timings[SINGLE])
         head_share = dict(
             params_pct=100 * head["params_m"] / bb["params_m"],
             flops_pct=100 * head["gflops"] / bb["gflops"],
@@ -242,7 +237,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     # ----- print
     load = f"load average {info['loadavg'][0]:.2f} -> {load_after[0]:.2f}"
-    where = (f"{device} ({info.get('gpu', info['cpu'])}), {args.precision}, batch {b}, {info['torch_threads']} thread(s), "
+    where = (f"{device} ({info.get('gpu', info['cpu'])}), {args.precision}, batch {batch}, {info['torch_threads']} thread(s), "
              f"{clock} clock")
     notes = list(args.set) + ([f"timm attention {args.timm_attention}"] if args.timm_attention != "default" else [])
     setting = f"preset {args.preset} ({', '.join([backbone, *notes])})"
@@ -282,7 +277,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     tables.append(print_table("Training FLOPs per image and the throughput an MFU target asks for", train_columns, train_rows))
     for name, top in profiles.items():
         tables.append(print_table(
-            f"Profile: {name}, top ops by self {'CUDA' if device.type == 'cuda' else 'CPU'} time ({args.precision}, batch {b})",
+            f"Profile: {name}, top ops by self {'CUDA' if device.type == 'cuda' else 'CPU'} time ({args.precision}, batch {batch})",
             [("op", "op", ""), ("calls", "calls/fwd", "d"), ("self_ms", "self ms/fwd", ".2f"), ("share_pct", "share %", ".1f")],
             top,
         ))

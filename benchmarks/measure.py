@@ -7,7 +7,8 @@ Shared by ``model_throughput.py`` and ``flops.py`` so both time, count and repor
   machine with a load average of 5-10 the wall time mostly measures the scheduler, while the CPU time of a
   one-thread torch process is what the work costs (= its wall time on an idle machine); ``--clock wall``
   gives the wall time. ``repeats`` timed blocks after warm-up, models compared in turns (one block of each
-  per round); the median is reported with the spread ``(max - min) / median``.
+  per round); the median is reported with the spread ``(max - min) / median``, and ratios between models
+  are the median of the per-round ratios (:func:`paired_ratio`).
 - **Peak memory**, over building a model and its warm-up steps (the peak is reached in the first steps),
   relative to what was allocated before, so other live models do not count: weights, gradients,
   optimizer state and activations. On CUDA ``torch.cuda.max_memory_allocated``. On the CPU there is no
@@ -41,8 +42,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 __all__ = [
     "PeakMemory", "Timing", "autocast", "count_flops", "count_params", "default_peak_tflops", "describe_machine",
-    "machine_info", "num_threads", "paired_ratio", "resolve_clock", "parse_list", "peak_tflops_for_name", "print_table", "synchronize",
-    "time_block", "time_interleaved", "time_steps", "warm_up", "write_json",
+    "machine_info", "num_threads", "paired_ratio", "parse_list", "peak_tflops_for_name", "print_table",
+    "resolve_clock", "synchronize", "time_block", "time_interleaved", "time_steps", "warm_up", "write_json",
 ]
 
 MIB = 2**20

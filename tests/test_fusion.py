@@ -185,3 +185,13 @@ def test_linear_head(swin_features):
     assert out.aux_loss.item() == 0
     out.logits.sum().backward()
     assert_all_have_gradients(head, "linear head")
+
+
+def test_single_node_graph_is_refused_with_a_clear_error():
+    head = MGFFHead([8, 16], [16, 32], num_classes=3, dim=16, num_heads=2, num_super_nodes=2)
+    with pytest.raises(ValueError, match=r"1 graph node.*at least 2"):
+        head([torch.randn(2, 8, 2, 2), torch.randn(2, 16, 1, 1)])
+    # per-scale nodes give two nodes on the same 1x1 grid: allowed
+    per_scale = MGFFHead([8, 16], [16, 32], num_classes=3, dim=16, num_heads=2, num_super_nodes=2, nodes="per_scale")
+    out = per_scale([torch.randn(2, 8, 2, 2), torch.randn(2, 16, 1, 1)])
+    assert torch.isfinite(out.aux_loss)

@@ -21,7 +21,15 @@ def test_similarity_adjacency_is_a_symmetric_knn_graph():
 def test_similarity_adjacency_links_identical_nodes():
     x = torch.tensor([[[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]])
     adj = similarity_adjacency(x, top_k=None)
-    assert adj[0, 0, 1] == pytest.approx(1.0) and adj[0, 0, 2] == 0
+    assert adj[0, 0, 1] == pytest.approx(1.0, abs=2e-4) and adj[0, 0, 2] == pytest.approx(1e-4)  # only the floor
+    assert adj[0, 0, 0] == 0
+
+
+def test_similarity_adjacency_keeps_every_degree_positive():
+    # opposite features: every cosine is negative, yet MinCut needs a positive degree per node
+    x = torch.tensor([[[1.0, 0.0], [-1.0, 0.0]]])
+    adj = similarity_adjacency(x, top_k=None)
+    assert (adj.sum(-1) > 0).all()
 
 
 def test_learned_adjacency_starts_as_the_grid_graph():

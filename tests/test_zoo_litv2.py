@@ -223,3 +223,13 @@ def test_grad_checkpointing_gives_the_same_output():
     plain = model(x)
     model.set_grad_checkpointing(True)
     torch.testing.assert_close(model(x), plain)
+
+
+def test_non_finite_offsets_do_not_crash_the_deformable_merge():
+    from mgff.models.zoo.litv2 import DeformableTokenMerging
+
+    merge = DeformableTokenMerging(4)
+    with torch.no_grad():
+        merge.dconv.conv_offset.bias.fill_(float("nan"))  # a diverged offset branch
+    out = merge(torch.randn(2, 4, 4, 4))  # (B, H, W, C): torchvision would segfault on NaN offsets
+    assert out.shape == (2, 2, 2, 8)

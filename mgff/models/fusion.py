@@ -186,6 +186,13 @@ class MGFFHead(nn.Module):
 
     def _classify(self, maps: list[Tensor]) -> tuple[HeadOutput, Tensor]:
         nodes = self.to_nodes(maps)
+        if self.graph is not None and nodes.shape[1] < 2:
+            # one node has no edges: the pooling losses are 0/0 and would turn every weight into NaN
+            raise ValueError(
+                f"the coarsest map is {tuple(maps[0].shape[-2:])}, which gives {nodes.shape[1]} graph node: "
+                "the GCN and super-node pooling need at least 2; use a larger input, earlier stages, "
+                "nodes='per_scale' or use_gcn=False"
+            )
         if self.graph is not None:
             super_nodes, aux_loss, assignment = self.graph(nodes, tuple(maps[0].shape[-2:]))
             pooled = super_nodes.mean(dim=1)

@@ -42,7 +42,9 @@ def similarity_adjacency(x: Tensor, top_k: int | None = 8) -> Tensor:
         top_k: neighbours kept per node (before symmetrising); ``None`` or ``>= N`` keeps all.
 
     Returns:
-        ``(B, N, N)`` symmetric, non-negative, zero diagonal (the GCN adds self-loops).
+        ``(B, N, N)`` symmetric, non-negative, zero diagonal (the GCN adds self-loops). Off-diagonal
+        weights have a floor of ``1e-4``: a node whose similarities are all negative would otherwise
+        have degree 0, and MinCut's normaliser (the degree-weighted trace) would be 0/0 = NaN.
     """
     n = x.shape[1]
     x = F.normalize(x, dim=-1)
@@ -53,7 +55,7 @@ def similarity_adjacency(x: Tensor, top_k: int | None = 8) -> Tensor:
         threshold = sim.topk(top_k, dim=-1).values[..., -1:]
         sim = sim * (sim >= threshold)
         sim = torch.maximum(sim, sim.transpose(1, 2))
-    return sim
+    return sim + 1e-4 * (~eye).to(sim.dtype)
 
 
 class LearnedGridAdjacency(nn.Module):

@@ -63,7 +63,9 @@ class OffsetDeformConv2d(DeformConv2d):
         nn.init.zeros_(self.conv_offset.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        offset = self.conv_offset(x)
+        # torchvision's CPU kernel reads out of bounds (segfault) on non-finite offsets: a model that
+        # diverged must end with a NaN loss, not a crashed process
+        offset = torch.nan_to_num(self.conv_offset(x), nan=0.0, posinf=0.0, neginf=0.0)
         if x.dtype in (torch.float16, torch.bfloat16):
             # torchvision's deform_conv2d kernels have no bfloat16 path (nor CPU half): run this one op
             # in float32, also for a model cast to low precision, and hand the caller's dtype back

@@ -6,14 +6,11 @@ import pytest
 
 from data_modules.cub import CUB200DataModule, read_cub
 from data_modules.errors import BadImageError, DatasetFormatError, DatasetNotFoundError, MissingImagesError
+from datamodule_helpers import tiny_datamodule
 
 
 def _dm(root, **kw):
-    kw.setdefault("resize_size", 72)
-    kw.setdefault("crop_size", 64)
-    kw.setdefault("num_workers", 0)
-    kw.setdefault("batch_size", 4)
-    return CUB200DataModule(root=root, **kw)
+    return tiny_datamodule(CUB200DataModule, root, **kw)
 
 
 def test_reads_metadata_files(cub_root):

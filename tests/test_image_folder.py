@@ -12,6 +12,7 @@ from data_modules.errors import DatasetFormatError, DatasetNotFoundError
 from data_modules.image_folder import ImageFolderDataModule, read_image_folder
 from data_modules.synthetic import SyntheticSpec, class_names
 from data_modules.synthetic_layouts import write_synthetic_layout
+from datamodule_helpers import tiny_datamodule
 
 SPEC = SyntheticSpec(num_classes=4, images_per_class=8, min_side=64, max_side=96)
 SORTED_CLASSES = sorted(class_names(4))
@@ -35,11 +36,7 @@ def folder_copy(folder_root, tmp_path) -> Path:
 
 
 def _dm(root, **kw):
-    kw.setdefault("resize_size", 72)
-    kw.setdefault("crop_size", 64)
-    kw.setdefault("num_workers", 0)
-    kw.setdefault("batch_size", 4)
-    return ImageFolderDataModule(root=root, **kw)
+    return tiny_datamodule(ImageFolderDataModule, root, **kw)
 
 
 def test_classes_are_sorted_train_folders(folder_root):

@@ -15,6 +15,7 @@ from data_modules.nabirds import NABIRDS_FILES, NABirdsDataModule, read_nabirds
 from data_modules.synthetic import SyntheticSpec
 from data_modules.synthetic_layouts import write_synthetic_layout
 from data_modules.transforms import apply_transform, build_eval_transform
+from datamodule_helpers import tiny_datamodule
 
 SPEC = SyntheticSpec(num_classes=4, images_per_class=6, min_side=64, max_side=96)
 
@@ -32,11 +33,7 @@ def nabirds_copy(nabirds_root, tmp_path) -> Path:
 
 
 def _dm(root, **kw):
-    kw.setdefault("resize_size", 72)
-    kw.setdefault("crop_size", 64)
-    kw.setdefault("num_workers", 0)
-    kw.setdefault("batch_size", 4)
-    return NABirdsDataModule(root=root, **kw)
+    return tiny_datamodule(NABirdsDataModule, root, **kw)
 
 
 def _set_line(path: Path, index: int, text: str | None) -> None:

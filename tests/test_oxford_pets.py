@@ -15,6 +15,7 @@ from data_modules.oxford_pets import OxfordPetsDataModule, read_oxford_pets
 from data_modules.synthetic import SyntheticSpec
 from data_modules.synthetic_layouts import write_synthetic_layout
 from data_modules.transforms import apply_transform, build_eval_transform
+from datamodule_helpers import tiny_datamodule
 
 SPEC = SyntheticSpec(num_classes=4, images_per_class=6, min_side=64, max_side=96)
 
@@ -32,11 +33,7 @@ def pets_copy(pets_root, tmp_path) -> Path:
 
 
 def _dm(root, **kw):
-    kw.setdefault("resize_size", 72)
-    kw.setdefault("crop_size", 64)
-    kw.setdefault("num_workers", 0)
-    kw.setdefault("batch_size", 4)
-    return OxfordPetsDataModule(root=root, **kw)
+    return tiny_datamodule(OxfordPetsDataModule, root, **kw)
 
 
 def _set_line(path: Path, index: int, text: str | None) -> None:

@@ -15,6 +15,7 @@ from data_modules.cub import CUB200DataModule, read_cub
 from data_modules.dataset import FineGrainedDataset
 from data_modules.errors import BadImageError, MissingImagesError
 from data_modules.resized_cache import CacheMismatchError, ResizedImageCache, main, resized_size
+from datamodule_helpers import tiny_datamodule
 
 SIDE = 80  # the generated CUB images have sides 96-128: all are resized
 
@@ -25,12 +26,7 @@ def _paths(root: Path) -> list[str]:
 
 
 def _dm(root, cache_dir, **kw):
-    kw.setdefault("resize_size", 72)
-    kw.setdefault("crop_size", 64)
-    kw.setdefault("num_workers", 0)
-    kw.setdefault("batch_size", 4)
-    kw.setdefault("cache_size", SIDE)
-    return CUB200DataModule(root=root, cache_dir=cache_dir, **kw)
+    return tiny_datamodule(CUB200DataModule, root, cache_dir=cache_dir, **{"cache_size": SIDE, **kw})
 
 
 @pytest.fixture(scope="module")

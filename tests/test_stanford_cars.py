@@ -17,6 +17,7 @@ from data_modules.stanford_cars import StanfordCarsDataModule, read_stanford_car
 from data_modules.synthetic import SyntheticSpec
 from data_modules.synthetic_layouts import write_synthetic_layout
 from data_modules.transforms import apply_transform, build_eval_transform
+from datamodule_helpers import tiny_datamodule
 
 SPEC = SyntheticSpec(num_classes=4, images_per_class=6, min_side=64, max_side=96)
 
@@ -46,11 +47,7 @@ def csv_copy(csv_root, tmp_path) -> Path:
 
 
 def _dm(root, **kw):
-    kw.setdefault("resize_size", 72)
-    kw.setdefault("crop_size", 64)
-    kw.setdefault("num_workers", 0)
-    kw.setdefault("batch_size", 4)
-    return StanfordCarsDataModule(root=root, **kw)
+    return tiny_datamodule(StanfordCarsDataModule, root, **kw)
 
 
 def _edit_mat_annotation(path: Path, index: int, field: str, value) -> None:

@@ -346,6 +346,8 @@ def _format(value: Any, fmt: str) -> str:
         return "n/a"
     if isinstance(value, str):
         return value
+    if fmt == "rate":  # one decimal, but three significant digits for slow rates (0.227 img/s)
+        return format(value, ".1f" if abs(value) >= 10 else ".3g")
     return format(value, fmt)
 
 
@@ -353,7 +355,8 @@ def print_table(title: str, columns: Sequence[tuple[str, str, str]], rows: Seque
     """Print ``rows`` as an aligned Markdown table and return it.
 
     Args:
-        columns: ``(key, header, format spec)``; text columns are left-aligned, numbers right-aligned.
+        columns: ``(key, header, format spec)``, the spec of ``format()`` or ``"rate"``; text columns are
+            left-aligned, numbers right-aligned; ``None`` prints as ``n/a``.
     """
     cells = [[_format(row.get(key), fmt) for key, _, fmt in columns] for row in rows]
     headers = [header for _, header, _ in columns]

@@ -120,9 +120,13 @@ def test_helpers_time_in_turns_and_print_aligned_tables(capsys):
     # round by round: a slow round (load) slows both and leaves their ratio alone
     slow, fast = Timing(0.0, [2.0, 8.0, 2.2], iters=2), Timing(0.0, [1.0, 4.0, 1.0], iters=1)
     assert paired_ratio(slow, fast) == pytest.approx((1.0, 1.0, 1.1))
-    text = print_table("T", [("name", "name", ""), ("x", "x", ".1f")], [{"name": "long name", "x": 1.0}, {"name": "b", "x": None}])
+    text = print_table(
+        "T", [("name", "name", ""), ("x", "x", ".1f"), ("ips", "img/s", "rate")],
+        [{"name": "long name", "x": 1.0, "ips": 0.2273}, {"name": "b", "x": None, "ips": 177.44}],
+    )
     lines = text.strip().splitlines()[-4:]
     assert len({len(line) for line in lines}) == 1 and "n/a" in lines[-1]
+    assert "0.227" in lines[-2] and "177.4" in lines[-1]
     assert parse_list("8, 32", int) == [8, 32]
     with pytest.raises(ValueError):
         parse_list("fp16", allowed=("fp32", "bf16"))

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# One intra-op thread: the suite's ops are small, and on a 2-core machine with any other load two
+# OpenMP threads spin against each other (the learning test ran 10x slower with two).
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

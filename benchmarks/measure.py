@@ -347,7 +347,7 @@ def _format(value: Any, fmt: str) -> str:
     if isinstance(value, str):
         return value
     if fmt == "rate":  # one decimal, but three significant digits for slow rates (0.227 img/s)
-        return format(value, ".1f" if abs(value) >= 10 else ".3g")
+        return format(value, ".1f" if abs(value) >= 10 else "#.3g")
     return format(value, fmt)
 
 

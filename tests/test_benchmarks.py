@@ -127,6 +127,7 @@ def test_helpers_time_in_turns_and_print_aligned_tables(capsys):
     lines = text.strip().splitlines()[-4:]
     assert len({len(line) for line in lines}) == 1 and "n/a" in lines[-1]
     assert "0.227" in lines[-2] and "177.4" in lines[-1]
+    assert print_table("T", [("ips", "img/s", "rate")], [{"ips": 1.0}]).strip().endswith("1.00 |")
     assert parse_list("8, 32", int) == [8, 32]
     with pytest.raises(ValueError):
         parse_list("fp16", allowed=("fp32", "bf16"))

@@ -5,11 +5,12 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from mgff.models.cropper import (
-    AttentionCropper, CropOutput, attention_rollout, boxes_from_response_map, collect_attention,
-    column_sum_importance, connected_components, crop_and_resize, forward_with_attention,
-    fuse_heads, response_map,
-)
+from mgff.models.cropper.attention_cropper import AttentionCropper
+from mgff.models.cropper.boxes import boxes_from_response_map, connected_components
+from mgff.models.cropper.crops import CropOutput, crop_and_resize
+from mgff.models.cropper.importance import attention_rollout, column_sum_importance, fuse_heads
+from mgff.models.cropper.response import response_map
+from mgff.models.cropper.vit_attention import collect_attention, forward_with_attention
 
 TINY = dict(img_size=64, depth=2, embed_dim=32, num_heads=2)
 VIT = 'vit_tiny_patch16_224'

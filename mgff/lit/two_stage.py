@@ -12,7 +12,8 @@ from torch import Tensor, nn
 from mgff.lit.classifier import FineGrainedClassifier
 from mgff.metrics.box_iou import BoxIoU
 from mgff.models.backbone import TimmBackbone
-from mgff.models.cropper import AttentionCropper, CropOutput
+from mgff.models.cropper.attention_cropper import AttentionCropper
+from mgff.models.cropper.crops import CropOutput
 
 
 class TwoStageClassifier(FineGrainedClassifier):

@@ -39,6 +39,8 @@ class MGFFCLI(LightningCLI):
 
     - ``data.num_classes``, ``data.class_names`` and ``data.class_parents`` -> the model's
       ``num_classes``, ``class_names`` and ``class_parents`` (applied when the DataModule is instantiated);
+    - ``data.mean``/``data.std`` -> the model's ``data_mean``/``data_std`` (it converts the batch to each
+      network's own normalisation);
     - ``checkpoint``: ``ModelCheckpoint`` keeping the best by ``val/acc`` (override e.g.
       ``--checkpoint.save_top_k=3``); ``last_checkpoint``: ``last.ckpt``, the state after the latest epoch;
     - ``prediction_writer``: ``predict`` writes ``predictions.csv`` into the run directory;
@@ -69,6 +71,9 @@ class MGFFCLI(LightningCLI):
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
         parser.link_arguments("data.class_names", "model.init_args.class_names", apply_on="instantiate")
         parser.link_arguments("data.class_parents", "model.init_args.class_parents", apply_on="instantiate")
+        # the batches' normalisation: the model converts it to each network's own (mgff/models/normalization.py)
+        parser.link_arguments("data.mean", "model.init_args.data_mean", apply_on="instantiate")
+        parser.link_arguments("data.std", "model.init_args.data_std", apply_on="instantiate")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         # Lightning 2.6's save_last writes last.ckpt only at steps where a top-k checkpoint is written,
         # i.e. when val/acc improved: a second, unmonitored checkpoint keeps last.ckpt the latest state

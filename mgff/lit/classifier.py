@@ -21,6 +21,7 @@ from mgff.lit.optim import build_optimizer, param_groups, warmup_cosine
 from mgff.models.backbone import TimmBackbone
 from mgff.models.fusion import MGFFHead
 from mgff.models.heads import HeadOutput, LinearHead
+from mgff.models.normalization import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, InputNormalization
 
 log = logging.getLogger("mgff")
 
@@ -40,6 +41,11 @@ class FineGrainedClassifier(L.LightningModule):
         pretrained: ``True`` for timm's hub weights, a path for a local ``.safetensors``/``.pth`` file.
         img_size: input size the backbone is built for (Swin/ViT need it when it is not their default).
         backbone_kwargs: further timm ``create_model`` arguments (e.g. ``window_size``, ``drop_path_rate``).
+        backbone_mean / backbone_std: the input normalisation the backbone's weights expect (``None``: its timm
+            ``pretrained_cfg``; set both for a local file of another convention, e.g. ``[0.5, 0.5, 0.5]``).
+            Saved in checkpoints (:class:`~mgff.models.normalization.InputNormalization`).
+        data_mean / data_std: how the batches are normalised (linked from ``data.mean``/``data.std``); the
+            model converts them to the backbone's normalisation.
         stages: backbone stages fed to the head (``[1, 2, 3]``: the last three, as the paper's 4x4/2x2/1x1
             convs; ``[0, 1, 2, 3]`` for all four). The linear head uses the last one.
         head: ``mgff`` (multi-granularity fusion) or ``linear`` (norm + average pool + linear).
@@ -78,6 +84,10 @@ class FineGrainedClassifier(L.LightningModule):
         pretrained: bool | str = False,
         img_size: int | None = None,
         backbone_kwargs: dict[str, Any] | None = None,
+        backbone_mean: Sequence[float] | None = None,
+        backbone_std: Sequence[float] | None = None,
+        data_mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+        data_std: Sequence[float] = IMAGENET_DEFAULT_STD,
         stages: Sequence[int] = (1, 2, 3),
         head: Literal["mgff", "linear"] = "mgff",
         fusion_dim: int = 256,
@@ -119,6 +129,7 @@ class FineGrainedClassifier(L.LightningModule):
         self.backbone = TimmBackbone(
             backbone, out_indices=tuple(stages), pretrained=pretrained, img_size=img_size, **(backbone_kwargs or {})
         )
+        self.input_norm = InputNormalization(self.backbone, "model.backbone", data_mean, data_std, backbone_mean, backbone_std, pretrained)
         self.head = self.build_head(self.backbone.feature_channels, self.backbone.feature_reductions, num_classes)
         if class_parents is not None and len(class_parents) != num_classes:
             raise ValueError(f"model.class_parents has {len(class_parents)} entries for num_classes={num_classes}")
@@ -154,7 +165,9 @@ class FineGrainedClassifier(L.LightningModule):
         )
 
     def classify(self, images: Tensor) -> HeadOutput:
-        """Backbone and head on ``images (B, 3, H, W)`` -> :class:`HeadOutput` (logits ``(B, C)``)."""
+        """Backbone and head on ``images (B, 3, H, W)`` (in the data's normalisation) -> :class:`HeadOutput`
+        (logits ``(B, C)``)."""
+        images = self.input_norm(images)
         if self.hparams.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         return self.head(self.backbone(images))
@@ -166,8 +179,9 @@ class FineGrainedClassifier(L.LightningModule):
             return self._compiled_net(images)
         return self.classify(images)
 
-    def forward_outputs(self, images: Tensor) -> tuple[dict[str, Tensor], Tensor, dict[str, Tensor]]:
-        """All predictions of one batch: ``({name: logits (B, C)}, aux_loss, extras)``; ``main`` is the final one."""
+    def forward_outputs(self, images: Tensor, batch: dict[str, Any] | None = None) -> tuple[dict[str, Tensor], Tensor, dict[str, Tensor]]:
+        """All predictions of one batch: ``({name: logits (B, C)}, aux_loss, extras)``; ``main`` is the final one.
+        ``batch`` holds the rest of the batch for models that use more than the images (e.g. ``source``)."""
         out = self(images)
         return {"main": out.logits}, out.aux_loss, {}
 
@@ -183,7 +197,7 @@ class FineGrainedClassifier(L.LightningModule):
         if not batch:  # every image of the batch was a skipped corrupt file
             return None
         labels = batch["label"]
-        logits, aux_loss, extras = self.forward_outputs(batch["image"])
+        logits, aux_loss, extras = self.forward_outputs(batch["image"], batch)
         terms = self.loss_terms(logits, aux_loss, labels)
         loss = torch.stack(list(terms.values())).sum()
         batch_size = labels.shape[0]
@@ -216,7 +230,7 @@ class FineGrainedClassifier(L.LightningModule):
         """Per image: ``index``, ``path``, ``label`` (ground truth), ``pred`` and its ``prob``; plus extras."""
         if not batch:
             return {}
-        logits, _, extras = self.forward_outputs(batch["image"])
+        logits, _, extras = self.forward_outputs(batch["image"], batch)
         probs = logits["main"].float().softmax(dim=-1)
         prob, pred = probs.max(dim=-1)
         return {"index": batch["index"], "path": batch["path"], "label": batch["label"], "pred": pred, "prob": prob, **extras}

@@ -3,7 +3,8 @@ the enlarged crop, the two predictions merged (the paper's ViT-based two-stage c
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import logging
+from typing import Any, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -13,7 +14,10 @@ from mgff.lit.classifier import FineGrainedClassifier
 from mgff.metrics.box_iou import BoxIoU
 from mgff.models.backbone import TimmBackbone
 from mgff.models.cropper.attention_cropper import AttentionCropper
-from mgff.models.cropper.crops import CropOutput
+from mgff.models.cropper.crops import CropOutput, crop_and_resize
+from mgff.models.normalization import InputNormalization
+
+log = logging.getLogger("mgff")
 
 
 class TwoStageClassifier(FineGrainedClassifier):
@@ -28,6 +32,11 @@ class TwoStageClassifier(FineGrainedClassifier):
         cropper: timm ViT name of the localiser (paper: ViT-B/16).
         cropper_pretrained: ``True`` (hub), a local weights path, or ``False``.
         cropper_kwargs: further timm arguments of the ViT (e.g. a tiny ``embed_dim``/``depth`` for tests).
+        cropper_mean / cropper_std: the input normalisation the ViT's weights expect (``None``: its timm
+            ``pretrained_cfg``, e.g. 0.5/0.5 for AugReg); the batch is converted to it from ``data_mean``/``data_std``.
+        crop_from: ``view``: stage 2's crop is cut from stage 1's input; ``source``: from ``batch["source"]``,
+            the same view at ``data.source_size`` (uint8), the box scaled to that frame (the paper cuts "from
+            the original image").
         localize_size: side the ViT sees (default its native size); the crop is cut from the full input.
         crop_size: side of the stage-2 input (default ``img_size``, else 384).
         localization: ``rollout`` (attention rollout) or ``column_sum`` (the paper's per-token sums).
@@ -50,6 +59,9 @@ class TwoStageClassifier(FineGrainedClassifier):
         cropper: str = "vit_base_patch16_384",
         cropper_pretrained: bool | str = False,
         cropper_kwargs: dict[str, Any] | None = None,
+        cropper_mean: Sequence[float] | None = None,
+        cropper_std: Sequence[float] | None = None,
+        crop_from: Literal["view", "source"] = "view",
         localize_size: int | None = None,
         crop_size: int | None = None,
         localization: Literal["rollout", "column_sum"] = "rollout",
@@ -68,6 +80,8 @@ class TwoStageClassifier(FineGrainedClassifier):
     ) -> None:
         if merge not in ("mean_prob", "sum_logits"):
             raise ValueError(f"model.merge must be 'mean_prob' or 'sum_logits', got {merge!r}")
+        if crop_from not in ("view", "source"):
+            raise ValueError(f"model.crop_from must be 'view' or 'source', got {crop_from!r}")
         super().__init__(**kwargs)
         hp = self.hparams
         self.cropper = AttentionCropper(
@@ -86,6 +100,11 @@ class TwoStageClassifier(FineGrainedClassifier):
             freeze=not cropper_trainable,
             **(cropper_kwargs or {}),
         )
+        self.cropper_norm = InputNormalization(
+            self.cropper.vit, "model.cropper", hp.data_mean, hp.data_std, cropper_mean, cropper_std, cropper_pretrained
+        )
+        self.crop_size = crop_size or hp.img_size or 384
+        self._warned_unused_source = False
         if shared_classifier:
             self.backbone2, self.head2 = None, None
         else:
@@ -104,14 +123,40 @@ class TwoStageClassifier(FineGrainedClassifier):
         """Stage 2 on ``crops (B, 3, S, S)`` with the shared or the second classifier."""
         if self.backbone2 is None:
             return self(crops)
-        return self.head2(self.backbone2(crops))
+        return self.head2(self.backbone2(self.input_norm(crops)))
 
-    def localize(self, images: Tensor) -> CropOutput:
-        """The cropper alone: ``images (B, 3, H, W)`` -> crops, boxes, response maps (and logits)."""
-        return self.cropper(images)
+    def cut_crops(self, images: Tensor, boxes: Tensor, source: Tensor | None = None) -> Tensor:
+        """Stage 2's input, in the data's normalisation: ``(B, 3, S, S)``, ``S = crop_size``.
 
-    def forward_outputs(self, images: Tensor) -> tuple[dict[str, Tensor], Tensor, dict[str, Tensor]]:
-        crop = self.localize(images)
+        Args:
+            images: ``(B, 3, H, W)`` stage 1's view, in the data's normalisation.
+            boxes: ``(B, 4)`` xyxy in pixels of ``images``.
+            source: ``(B, 3, H_s, W_s)`` uint8, the same view at a higher resolution (``batch["source"]``);
+                used when ``crop_from='source'``: the boxes are scaled to its frame and the crops cut from it
+                in one ``roi_align`` call.
+        """
+        if self.hparams.crop_from == "view":
+            if source is not None and not self._warned_unused_source:
+                log.warning("the batch has a source view but model.crop_from='view': stage 2 crops from stage 1's view")
+                self._warned_unused_source = True
+            return crop_and_resize(images, boxes, self.crop_size)
+        if source is None:
+            raise ValueError("model.crop_from='source' needs batch['source']: set data.source_size")
+        if source.shape[0] != images.shape[0] or source.shape[1] != images.shape[1]:
+            raise ValueError(f"batch['source'] {tuple(source.shape)} does not match the images {tuple(images.shape)}")
+        scale_y, scale_x = source.shape[-2] / images.shape[-2], source.shape[-1] / images.shape[-1]
+        source_boxes = boxes.float() * boxes.new_tensor([scale_x, scale_y, scale_x, scale_y], dtype=torch.float32)
+        crops = crop_and_resize(source.float(), source_boxes, self.crop_size) / 255.0
+        return self.input_norm.data_from_unit(crops).to(images.dtype)
+
+    def localize(self, images: Tensor, source: Tensor | None = None) -> CropOutput:
+        """The cropper alone: ``images (B, 3, H, W)`` (data normalisation) -> crops (data normalisation,
+        from ``source`` when ``crop_from='source'``), boxes in ``images`` pixels, response maps (and logits)."""
+        found = self.cropper(self.cropper_norm(images))
+        return found._replace(crops=self.cut_crops(images, found.boxes, source))
+
+    def forward_outputs(self, images: Tensor, batch: dict[str, Any] | None = None) -> tuple[dict[str, Tensor], Tensor, dict[str, Tensor]]:
+        crop = self.localize(images, (batch or {}).get("source"))
         stage1 = self(images)
         stage2 = self.classify_crops(crop.crops)
         if self.hparams.merge == "mean_prob":

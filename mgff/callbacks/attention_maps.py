@@ -12,6 +12,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
 from data_modules.transforms import IMAGENET_MEAN, IMAGENET_STD
+from mgff.viz.localization import response_overlay
 
 
 class AttentionMapLogger(Callback):
@@ -107,9 +108,6 @@ class AttentionMapLogger(Callback):
         self._images, self._boxes, self._labels = [], [], []
         with torch.no_grad():
             crop = pl_module.localize(images.to(pl_module.device))
-        # imported here: mgff.viz also holds the notebooks' pandas tables, which training never needs
-        from mgff.viz import response_overlay
-
         names = getattr(pl_module.hparams, "class_names", None) if hasattr(pl_module, "hparams") else None
         titles = [names[i] if names and i >= 0 else (str(i) if i >= 0 else "") for i in labels.tolist()]
         mean, std = self._normalization(trainer)

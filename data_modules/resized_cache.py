@@ -7,29 +7,41 @@ measures it). The copy keeps the dataset's relative paths, so the readers do not
 Layout of a cache folder::
 
     <cache_dir>/
-      cache.json        {"format": 1, "shorter_side": 512, "jpeg_quality": 95, "source_root": "/abs/root"}
+      cache.json        {"format": 2, "shorter_side": 512, "jpeg_quality": 95, "source_root": "/abs/root"}
                         (written first; a cache is never extended with other settings or another source)
-      manifest.json     {"<relative path>": [source_w, source_h, cached_w, cached_h], ...}  (pixels;
-                        written last, atomically: an image is in the cache when it is listed here)
-      <relative path>   each image, RGB JPEG, shorter side ``shorter_side`` px (aspect kept); an image
-                        whose shorter side is already at most ``shorter_side`` is copied byte for byte; names
-                        and extensions are kept even where the content becomes JPEG (decoders read
-                        the content, not the extension)
+      manifest.json     {"<relative path>": [source_w, source_h, cached_w, cached_h, orientation], ...}
+                        (stored pixels of the source and of the cached file, and the EXIF orientation
+                        baked into the cached pixels, 1 = none; written last, atomically: an image is
+                        in the cache when it is listed here)
+      <relative path>   each image, RGB JPEG, shorter side ``shorter_side`` px (aspect kept), decoded
+                        as :func:`data_modules.image_io.read_image` does (16-bit scaled) with its EXIF
+                        orientation applied (the JPEG has none left); an image whose shorter side is
+                        already at most ``shorter_side`` is copied byte for byte, EXIF included (the
+                        loader applies it, as it does to originals); names and extensions are kept even
+                        where the content becomes JPEG (decoders read the content, not the extension)
 
-Boxes: a :class:`~data_modules.samples.Sample`'s box stays in pixels of the ORIGINAL image (as the
-metadata gives it). The manifest keeps both sizes of every image, and
-:meth:`ResizedImageCache.cached_samples` scales each box by ``(cached_w / source_w, cached_h /
-source_h)`` when a DataModule reads from the cache; the splits themselves never change.
+Boxes: a :class:`~data_modules.samples.Sample`'s box stays in the stored pixels of the ORIGINAL
+image (as the metadata gives it, see :mod:`data_modules.image_io`). The manifest keeps both sizes of
+every image, and :meth:`ResizedImageCache.cached_samples` moves each box into the stored pixels of
+the cached file (scaled from ``Sample.size`` to the source's size when they differ, oriented when
+the orientation was baked in, scaled by cached / source); the loader then treats a cached file
+exactly like an original, so both paths give the same pixels and boxes. The splits never change.
 
 Preparation runs in parallel worker processes with a progress bar and can be interrupted: every
 image is written to a hidden temporary name and renamed into place (``os.replace``), so a file under
 its final name is always complete and a later run skips it. Half-written temporary files of a killed
-run are removed at the end of the next complete run.
+run are removed at the start of every later run, also when nothing is left to do -- but only stale
+ones, since another job sharing the cache may be writing right now: a temporary file is stale when
+it was last modified more than :data:`STALE_TEMP_SECONDS` ago (a live writer writes one image in
+well under a second and renames it at once; an hour without a write means its writer is dead).
+
+Images above ``max_image_pixels`` (decompression bombs) are refused from their header, in every
+worker process, like undecodable ones.
 
 Command line (one DataModule per ``--dataset``, reading the dataset's own metadata)::
 
     python -m data_modules.resized_cache --dataset cub --root /data/CUB_200_2011 \\
-        --cache-dir /scratch/cub-512 --shorter-side 512 --workers 8
+        --cache-dir /scratch/cub-512 --shorter-side 512 --workers 8 [--max-image-pixels 100000000]
 """
 
 from __future__ import annotations
@@ -46,21 +58,22 @@ from functools import partial
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from tqdm import tqdm
 
 from data_modules.errors import BadImageError, MissingImagesError
+from data_modules.image_io import DECODE_ERRORS, DEFAULT_MAX_IMAGE_PIXELS, exif_orientation, open_checked, orient, orient_box, to_rgb
 from data_modules.samples import Sample
 
 log = logging.getLogger("mgff")
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: EXIF orientation applied, 16-bit scaled, orientation in the manifest
 DEFAULT_SHORTER_SIDE = 512
 DEFAULT_JPEG_QUALITY = 95
 TEMP_SUFFIX = ".part"
-STALE_TEMP_SECONDS = 60  # a temporary file this much older than the current run belongs to a killed one
+STALE_TEMP_SECONDS = 3600  # a temporary file not modified for this long belongs to a killed run
 
-Sizes = tuple[int, int, int, int]  # source_w, source_h, cached_w, cached_h (pixels)
+Sizes = tuple[int, int, int, int, int]  # source_w, source_h, cached_w, cached_h (stored pixels), baked EXIF orientation
 
 
 class CacheMismatchError(ValueError):
@@ -74,9 +87,16 @@ class ResizedImageCache:
         cache_dir: the folder (created when prepared).
         shorter_side: the cached images' shorter side in pixels (never enlarged).
         jpeg_quality: JPEG quality of the resized files (1-95 is PIL's useful range).
+        max_image_pixels: larger images are bad images (refused from the header); ``None``: no limit.
     """
 
-    def __init__(self, cache_dir: str | Path, shorter_side: int = DEFAULT_SHORTER_SIDE, jpeg_quality: int = DEFAULT_JPEG_QUALITY) -> None:
+    def __init__(
+        self,
+        cache_dir: str | Path,
+        shorter_side: int = DEFAULT_SHORTER_SIDE,
+        jpeg_quality: int = DEFAULT_JPEG_QUALITY,
+        max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+    ) -> None:
         if shorter_side < 1:
             raise ValueError(f"shorter_side must be a positive number of pixels, got {shorter_side}")
         if not 1 <= jpeg_quality <= 100:
@@ -84,6 +104,7 @@ class ResizedImageCache:
         self.cache_dir = Path(cache_dir).expanduser()
         self.shorter_side = shorter_side
         self.jpeg_quality = jpeg_quality
+        self.max_image_pixels = max_image_pixels
 
     @property
     def info_path(self) -> Path:
@@ -108,6 +129,11 @@ class ResizedImageCache:
         if not self.info_path.is_file():
             return
         info = json.loads(self.info_path.read_text(encoding="utf-8"))
+        if info.get("format") != CACHE_FORMAT:
+            raise CacheMismatchError(
+                f"{self.info_path}: the cache has format {info.get('format')}, this version reads format {CACHE_FORMAT} "
+                f"(format 1 ignored EXIF orientation and clipped 16-bit images); delete {self.cache_dir} to re-create it"
+            )
         for key, ours in (("shorter_side", self.shorter_side), ("jpeg_quality", self.jpeg_quality)):
             if info.get(key) != ours:
                 raise CacheMismatchError(
@@ -163,9 +189,9 @@ class ResizedImageCache:
             all are, only their presence is checked.
         """
         source_root = Path(source_root)
-        started = time.time()
         self.check_settings()
         self._claim(source_root)
+        self.remove_stale_temp_files()
         paths = list(dict.fromkeys(paths))
         manifest = self.read_manifest()
         todo = [p for p in paths if p not in manifest or not (self.cache_dir / p).is_file()]
@@ -182,6 +208,7 @@ class ResizedImageCache:
             shorter_side=self.shorter_side,
             jpeg_quality=self.jpeg_quality,
             skip_bad_images=skip_bad_images,
+            max_image_pixels=self.max_image_pixels,
         )
         bar = tqdm(total=len(todo), desc=f"resizing images to {self.shorter_side}px", unit="img", disable=not progress)
         try:
@@ -199,8 +226,6 @@ class ResizedImageCache:
             bar.close()
             # whatever finished is written down, so an interrupted run loses no finished image
             _write_json_atomically(self.manifest_path, manifest)
-        # a killed run left unfinished images (so this run had work): sweep its temporary files
-        self._remove_stale_temp_files(before=started - STALE_TEMP_SECONDS)
         return manifest
 
     def _claim(self, source_root: Path) -> None:
@@ -218,22 +243,39 @@ class ResizedImageCache:
         info = {"format": CACHE_FORMAT, "shorter_side": self.shorter_side, "jpeg_quality": self.jpeg_quality, "source_root": resolved}
         _write_json_atomically(self.info_path, info)
 
-    def _remove_stale_temp_files(self, before: float) -> None:
+    def remove_stale_temp_files(self, max_age_s: float = STALE_TEMP_SECONDS) -> list[Path]:
+        """Remove the temporary files of killed runs: those last modified more than ``max_age_s``
+        seconds ago (younger ones may belong to a job writing right now); return the removed paths."""
+        removed = []
+        before = time.time() - max_age_s
         for path in self.cache_dir.rglob(f".*{TEMP_SUFFIX}"):
             try:
                 if path.stat().st_mtime < before:
                     path.unlink()
+                    removed.append(path)
             except FileNotFoundError:
                 pass  # renamed into place or removed by a concurrent writer
+        if removed:
+            log.info("removed %d stale temporary files of killed runs from %s", len(removed), self.cache_dir)
+        return removed
 
 
 def _scaled(sample: Sample, sizes: Sizes | None) -> Sample:
-    if sample.box is None or sizes is None:
+    """``sample`` with its box in the stored pixels of the cached file (see the module docstring)."""
+    if sizes is None:  # an undecodable image copied as is: the loader skips it
         return sample
-    source_w, source_h, cached_w, cached_h = sizes
-    sx, sy = cached_w / source_w, cached_h / source_h
+    source_w, source_h, cached_w, cached_h, orientation = sizes
+    if sample.box is None:
+        return replace(sample, size=None)
     x1, y1, x2, y2 = sample.box
-    return replace(sample, box=(x1 * sx, y1 * sy, x2 * sx, y2 * sy))
+    if sample.size is not None:  # the metadata describes an image of another size (a resized copy)
+        meta_w, meta_h = sample.size
+        sx, sy = source_w / meta_w, source_h / meta_h
+        x1, y1, x2, y2 = x1 * sx, y1 * sy, x2 * sx, y2 * sy
+    x1, y1, x2, y2 = orient_box((x1, y1, x2, y2), orientation, (source_w, source_h))
+    shown_w, shown_h = (source_h, source_w) if orientation >= 5 else (source_w, source_h)
+    sx, sy = cached_w / shown_w, cached_h / shown_h
+    return replace(sample, box=(x1 * sx, y1 * sy, x2 * sx, y2 * sy), size=(cached_w, cached_h))
 
 
 def resized_size(width: int, height: int, shorter_side: int) -> tuple[int, int]:
@@ -255,6 +297,7 @@ def cache_image(
     shorter_side: int,
     jpeg_quality: int,
     skip_bad_images: bool = False,
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> Sizes | None:
     """Write one image's resized copy (unless it exists) and return its sizes (see :data:`Sizes`).
 
@@ -264,27 +307,35 @@ def cache_image(
     source, target = source_root / path, cache_dir / path
     if target.is_file():  # done by an earlier, interrupted run
         try:
-            return (*_image_size(source), *_image_size(target))
+            (source_w, source_h), orientation = _stored_size(source, max_image_pixels)
+            (cached_w, cached_h), cached_orientation = _stored_size(target, max_image_pixels)
         except BadImageError:
             if skip_bad_images:
                 return None
             raise
+        # a re-encoded copy has no EXIF left (its orientation is baked in); a byte copy keeps it
+        return (source_w, source_h, cached_w, cached_h, orientation if cached_orientation == 1 else 1)
     target.parent.mkdir(parents=True, exist_ok=True)
     temp = target.with_name(f".{target.name}.{os.getpid()}{TEMP_SUFFIX}")
     try:
         try:
-            with Image.open(source) as img:
+            with open_checked(source, max_image_pixels) as img:
                 width, height = img.size
-                new_size = resized_size(width, height, shorter_side)
+                orientation = exif_orientation(img)
+                new_size = resized_size(width, height, shorter_side)  # stored frame
                 if new_size == (width, height):
                     img.close()
                     shutil.copyfile(source, temp)
+                    sizes: Sizes | None = (width, height, width, height, 1)
                 else:
                     img.draft("RGB", new_size)  # JPEG: decode at 1/2, 1/4 or 1/8 scale when that is still >= new_size
-                    img.convert("RGB").resize(new_size, Image.Resampling.LANCZOS).save(temp, format="JPEG", quality=jpeg_quality)
-            sizes: Sizes | None = (width, height, *new_size)
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+                    resized = orient(to_rgb(img).resize(new_size, Image.Resampling.LANCZOS), orientation)
+                    resized.save(temp, format="JPEG", quality=jpeg_quality)
+                    sizes = (width, height, *resized.size, orientation)
+        except DECODE_ERRORS as err:  # BadImageError (an OSError) included
             if not skip_bad_images:
+                if isinstance(err, BadImageError):
+                    raise
                 raise BadImageError(f"cannot decode image {source}: {err}") from err
             shutil.copyfile(source, temp)
             sizes = None
@@ -294,12 +345,10 @@ def cache_image(
     return sizes
 
 
-def _image_size(path: Path) -> tuple[int, int]:
-    try:
-        with Image.open(path) as img:
-            return img.size
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise BadImageError(f"cannot decode image {path}: {err}") from err
+def _stored_size(path: Path, max_image_pixels: int | None) -> tuple[tuple[int, int], int]:
+    """``((w, h), EXIF orientation)`` of an image file, from its header."""
+    with open_checked(path, max_image_pixels) as img:
+        return img.size, exif_orientation(img)
 
 
 def _write_json_atomically(path: Path, content: dict) -> None:
@@ -333,6 +382,10 @@ def main(argv: Sequence[str] | None = None) -> Path:
     parser.add_argument("--shorter-side", type=int, default=DEFAULT_SHORTER_SIDE, help="pixels (data.cache_size)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="worker processes")
     parser.add_argument("--skip-bad-images", action="store_true", help="copy undecodable images as is instead of stopping")
+    parser.add_argument(
+        "--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
+        help="larger images are bad images, refused from their header (data.max_image_pixels; 0: no limit)",
+    )
     args = parser.parse_args(argv)
 
     module_name, class_name = DATAMODULES[args.dataset].rsplit(".", 1)
@@ -343,9 +396,10 @@ def main(argv: Sequence[str] | None = None) -> Path:
         cache_size=args.shorter_side,
         num_workers=args.workers,
         on_bad_image="skip" if args.skip_bad_images else "raise",
+        max_image_pixels=args.max_image_pixels or None,
     )
     datamodule.prepare_data()
-    manifest = ResizedImageCache(args.cache_dir, args.shorter_side).read_manifest()
+    manifest = ResizedImageCache(args.cache_dir, args.shorter_side, max_image_pixels=args.max_image_pixels or None).read_manifest()
     print(f"{len(manifest)} images of {args.dataset} ({args.root}) cached at {args.shorter_side}px in {args.cache_dir}")
     return Path(args.cache_dir)
 

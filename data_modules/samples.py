@@ -18,12 +18,17 @@ class Sample:
     Attributes:
         path: image path relative to the dataset root (POSIX separators).
         label: contiguous class index in ``[0, num_classes)``.
-        box: ground-truth object box ``(x1, y1, x2, y2)`` in pixels of the original image, or ``None``.
+        box: ground-truth object box ``(x1, y1, x2, y2)`` in pixels of the original image as stored
+            in the file (before any EXIF orientation, see :mod:`data_modules.image_io`), or ``None``.
+        size: ``(w, h)`` in stored pixels of the image the box refers to, when the metadata says
+            (NA-Birds' ``sizes.txt``); a decoded image of another size gets the box scaled by the ratio.
+            ``None``: the box refers to the file as it is.
     """
 
     path: str
     label: int
     box: Box | None = None
+    size: tuple[int, int] | None = None
 
 
 def resolve_inside(root: Path, relative: str, *, source: str) -> Path:

@@ -151,7 +151,7 @@ def test_corrupt_image_skipped_when_configured(cub_copy, caplog):
     dm.setup("test")
     batch = next(iter(dm.test_dataloader()))
     assert batch["image"].shape[0] == 3  # one of the first four dropped, nothing else lost
-    assert "skipping corrupt image" in caplog.text
+    assert "skipping bad image" in caplog.text and "Crimson_Patched_Bird_0001.jpg" in caplog.text
 
 
 @pytest.mark.parametrize(

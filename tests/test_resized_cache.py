@@ -47,7 +47,7 @@ def test_resized_size_keeps_aspect_and_never_enlarges():
 def test_same_paths_shorter_side_and_recorded_sizes(cub_root, prepared):
     manifest = ResizedImageCache(prepared, SIDE).read_manifest()
     assert sorted(manifest) == sorted(_paths(cub_root))
-    for path, (source_w, source_h, cached_w, cached_h) in manifest.items():
+    for path, (source_w, source_h, cached_w, cached_h, orientation) in manifest.items():
         with Image.open(cub_root / path) as source, Image.open(prepared / path) as cached:
             assert source.size == (source_w, source_h) and cached.size == (cached_w, cached_h)
             assert cached.format == "JPEG" and min(cached.size) == SIDE
@@ -58,11 +58,11 @@ def test_same_paths_shorter_side_and_recorded_sizes(cub_root, prepared):
 
 def test_small_images_are_copied_byte_for_byte(cub_root, tmp_path):
     manifest = ResizedImageCache(tmp_path / "c", 110).prepare(cub_root, _paths(cub_root), progress=False)
-    copied = [p for p, (w, h, cw, ch) in manifest.items() if min(w, h) <= 110]
+    copied = [p for p, (w, h, cw, ch, orientation) in manifest.items() if min(w, h) <= 110]
     resized = [p for p in manifest if p not in copied]
     assert copied and resized
     assert all((cub_root / p).read_bytes() == (tmp_path / "c" / p).read_bytes() for p in copied)
-    assert all(min(manifest[p][2:]) == 110 for p in resized)
+    assert all(min(manifest[p][2:4]) == 110 for p in resized)
 
 
 def test_parallel_preparation_matches_serial(cub_root, prepared, tmp_path):

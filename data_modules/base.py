@@ -22,7 +22,6 @@ from torch.utils.data import DataLoader
 
 from data_modules.dataset import FineGrainedDataset, OnBadImage, collate_skip_none
 from data_modules.errors import DatasetNotFoundError
-from data_modules.image_io import DEFAULT_MAX_IMAGE_PIXELS
 from data_modules.resumable import SeededTransform, split_loader
 from data_modules.samples import Sample, check_images_exist
 from data_modules.transforms import IMAGENET_MEAN, IMAGENET_STD, apply_transform, build_eval_transform, build_train_transform
@@ -94,9 +93,9 @@ class FineGrainedDataModule(L.LightningDataModule):
         cache_dir: read the images from a resized copy in this folder, written once by
             :meth:`prepare_data` (see :mod:`data_modules.resized_cache`); ``None`` reads the originals.
         cache_size: shorter side of the cached images in pixels.
-        max_image_pixels: an image declaring more pixels is a bad image (``on_bad_image`` decides),
-            refused from its header before decoding, in every loader worker and in the cache builder;
-            guards against decompression bombs (a 17 KB PNG can declare 20000x20000). ``None``: no limit.
+        source_size: also yield ``batch["source"]``, the same view (same crop and flip) at this side as
+            ``(B, 3, S, S)`` uint8, for a second stage that cuts its crop "from the original image"
+            (:class:`~data_modules.transforms.ViewWithSource`); ``None``: no source view.
     """
 
     dataset_name = "dataset"
@@ -123,7 +122,7 @@ class FineGrainedDataModule(L.LightningDataModule):
         std: Sequence[float] = IMAGENET_STD,
         cache_dir: str | Path | None = None,
         cache_size: int = 512,
-        max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+        source_size: int | None = None,
     ) -> None:
         super().__init__()
         if crop_size > resize_size:
@@ -134,8 +133,8 @@ class FineGrainedDataModule(L.LightningDataModule):
             raise ValueError(f"on_bad_image must be 'raise' or 'skip', got {on_bad_image!r}")
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-        if max_image_pixels is not None and max_image_pixels < 1:
-            raise ValueError(f"data.max_image_pixels must be a positive number of pixels or null, got {max_image_pixels}")
+        if source_size is not None and source_size < crop_size:
+            raise ValueError(f"data.source_size ({source_size}) must be at least data.crop_size ({crop_size}): it is the same view at a higher resolution")
         if cache_size < 1:
             raise ValueError(f"cache_size must be a positive number of pixels, got {cache_size}")
         self.root = Path(root).expanduser() if root is not None else None
@@ -156,7 +155,7 @@ class FineGrainedDataModule(L.LightningDataModule):
         self.mean, self.std = tuple(mean), tuple(std)
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else None
         self.cache_size = cache_size
-        self.max_image_pixels = max_image_pixels
+        self.source_size = source_size
         self._splits: Splits | None = None
         self.datasets: dict[str, FineGrainedDataset] = {}
 
@@ -174,7 +173,7 @@ class FineGrainedDataModule(L.LightningDataModule):
         # its own module already imported by the package (runpy warns)
         from data_modules.resized_cache import ResizedImageCache
 
-        return ResizedImageCache(self.cache_dir, shorter_side=self.cache_size, max_image_pixels=self.max_image_pixels)
+        return ResizedImageCache(self.cache_dir, shorter_side=self.cache_size)
 
     # ----- class facts, linked into the model by the CLI ----------------------------------------
     @property
@@ -244,11 +243,11 @@ class FineGrainedDataModule(L.LightningDataModule):
         if self.check_images and not self.datasets:
             check_images_exist(root, samples["train"] + samples["val"] + samples["test"])
         # seeded per item by the training loader: augmentations that a resumed run replays exactly
-        train_tf = SeededTransform(build_train_transform(self.resize_size, self.crop_size, self.hflip, self.mean, self.std))
-        eval_tf = partial(apply_transform, build_eval_transform(self.resize_size, self.crop_size, self.mean, self.std))
-        make = partial(
-            FineGrainedDataset, root, on_bad_image=self.on_bad_image, crop_to_box=self.crop_to_box, max_image_pixels=self.max_image_pixels
-        )
+        train_tf = SeededTransform(build_train_transform(self.resize_size, self.crop_size, self.hflip, self.mean, self.std, self.source_size))
+        eval_tf = partial(apply_transform, build_eval_transform(self.resize_size, self.crop_size, self.mean, self.std, self.source_size))
+        if self.source_size is not None and self.cache_dir is not None and self.cache_size * self.crop_size < self.source_size * self.resize_size:
+            log.warning("data.cache_size (%s) holds less detail than data.source_size (%s) asks for: the source view is upsampled", self.cache_size, self.source_size)
+        make = partial(FineGrainedDataset, root, on_bad_image=self.on_bad_image, crop_to_box=self.crop_to_box)
         self.datasets = {
             "train": make(samples["train"], train_tf),
             "val": make(samples["val"], eval_tf),

@@ -31,20 +31,18 @@ CUB_LAYOUT = (
 def read_cub(root: Path) -> Splits:
     """Parse a ``CUB_200_2011`` folder into train/test samples and class names.
 
-    Boxes ``x y w h`` become ``(x1, y1, x2, y2)`` pixels. Class ids ``1..C`` become labels ``0..C-1``.
-    Raises :class:`DatasetFormatError` naming the file and line for any line that does not parse,
-    for ids that disagree across files, and for image paths that escape the root.
+    Boxes ``x y w h`` become ``(x1, y1, x2, y2)`` pixels. The class ids that label images become
+    labels ``0..C-1`` in increasing id order, with their names from ``classes.txt``: a subset of the
+    classes (ids 26..50 only, or images of 50 classes under the full ``classes.txt``) is a dataset of
+    those classes. Raises :class:`DatasetFormatError` naming the file and line for any line that does
+    not parse, for ids that disagree across files, for a label that ``classes.txt`` lacks, and for
+    image paths that are absolute or contain ``..``.
     """
     files = {
         name: require_file(root / name, layout_hint=CUB_LAYOUT)
         for name in ("images.txt", "classes.txt", "image_class_labels.txt", "train_test_split.txt", "bounding_boxes.txt")
     }
     classes = read_mapping(files["classes.txt"], str, expected="<class_id> <class_name>", what="class name", key=int)
-    class_ids = sorted(classes)
-    if class_ids != list(range(1, len(class_ids) + 1)):
-        raise DatasetFormatError(f"{files['classes.txt']}: class ids must be 1..{len(class_ids)} without gaps, got {class_ids[:10]}...")
-    class_names = [classes[i][1] for i in class_ids]
-
     images = read_mapping(files["images.txt"], str, expected="<image_id> <path>", what="path", key=int)
     labels = read_mapping(files["image_class_labels.txt"], int, expected="<image_id> <class_id>", what="class id", key=int)
     is_train = read_mapping(files["train_test_split.txt"], int, expected="<image_id> <is_training_image>", what="flag", key=int)
@@ -52,20 +50,27 @@ def read_cub(root: Path) -> Splits:
     for name, table in (("image_class_labels.txt", labels), ("train_test_split.txt", is_train), ("bounding_boxes.txt", boxes)):
         check_same_ids(images, files["images.txt"], table, files[name])
 
+    for image_id, (label_line, class_id) in labels.items():
+        if class_id not in classes:
+            known = sorted(classes)
+            raise DatasetFormatError(
+                f"{files['image_class_labels.txt']}:{label_line}: class id {class_id} is not in classes.txt "
+                f"({len(known)} ids, {known[0] if known else '-'}..{known[-1] if known else '-'})"
+            )
+    used_ids = sorted({class_id for _, class_id in labels.values()})
+    label_of = {class_id: label for label, class_id in enumerate(used_ids)}
+    class_names = [classes[class_id][1] for class_id in used_ids]
+
     image_dir = root / "images"
     train, test = [], []
     for image_id in sorted(images):
         line_no, rel = images[image_id]
         resolve_inside(image_dir, rel, source=f"{files['images.txt']}:{line_no}")
-        label_line, class_id = labels[image_id]
-        if class_id not in classes:
-            raise DatasetFormatError(
-                f"{files['image_class_labels.txt']}:{label_line}: class id {class_id} is not in classes.txt (1..{len(classes)})"
-            )
+        class_id = labels[image_id][1]
         flag_line, flag = is_train[image_id]
         if flag not in (0, 1):
             raise DatasetFormatError(f"{files['train_test_split.txt']}:{flag_line}: flag must be 1 (train) or 0 (test), got {flag}")
-        sample = Sample(path=f"images/{rel}", label=class_id - 1, box=boxes[image_id][1])
+        sample = Sample(path=f"images/{rel}", label=label_of[class_id], box=boxes[image_id][1])
         (train if flag == 1 else test).append(sample)
     return Splits(train=train, test=test, class_names=class_names)
 

@@ -10,8 +10,9 @@ Layout::
 Classes are the sorted folder names of ``train/`` (label = position). ``val/`` and ``test/`` may hold
 fewer classes but none that ``train/`` lacks. Images are the files with an extension in
 :data:`IMAGE_EXTENSIONS` (case-insensitive); hidden files and folders are skipped, other files are
-ignored. Symbolic links to files and to class folders are followed, links to deeper sub-folders are
-not (no loops); every image must resolve inside the root. No boxes.
+ignored. Symbolic links to files and to class folders are followed wherever they point (DVC,
+git-annex, subsets built from links into a shared store); links to deeper sub-folders are not
+(no loops). No boxes.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 
 from data_modules.base import FineGrainedDataModule, Splits
 from data_modules.errors import DatasetFormatError, DatasetNotFoundError
-from data_modules.samples import Sample, resolve_inside
+from data_modules.samples import Sample
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 IMAGE_FOLDER_LAYOUT = (
@@ -35,7 +36,7 @@ def read_image_folder(root: Path) -> Splits:
 
     Raises :class:`DatasetNotFoundError` without ``train/``, :class:`DatasetFormatError` for a
     ``train/`` class folder without images, for ``val/``/``test/`` class folders that ``train/`` lacks
-    (naming them), and for files (e.g. symbolic links) that lead outside the root.
+    (naming them).
     """
     train_dir = root / "train"
     if not train_dir.is_dir():
@@ -80,9 +81,7 @@ def _images_under(root: Path, folder: Path) -> list[str]:
         for filename in sorted(filenames):
             if filename.startswith(".") or not filename.lower().endswith(IMAGE_EXTENSIONS):
                 continue
-            rel = (Path(dirpath) / filename).relative_to(root).as_posix()
-            resolve_inside(root, rel, source=f"{folder}")
-            found.append(rel)
+            found.append((Path(dirpath) / filename).relative_to(root).as_posix())
     return found
 
 

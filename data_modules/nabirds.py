@@ -9,7 +9,7 @@ Layout (all files space separated, no header; image ids are UUID strings)::
       image_class_labels.txt  <image_id> <class_id>
       train_test_split.txt    <image_id> <1 = train | 0 = test>
       bounding_boxes.txt      <image_id> <x> <y> <width> <height>   (integers, pixels, top-left origin)
-      sizes.txt               <image_id> <width> <height>           (pixels)
+      sizes.txt               <image_id> <width> <height>           (pixels; the frame of the boxes)
       images/<class id>/<file>.jpg
 
 Class ids are sparse and the taxonomy holds internal nodes: only the ids that label images become
@@ -47,7 +47,9 @@ NABIRDS_FILES = (
 def read_nabirds(root: Path) -> Splits:
     """Parse an NA-Birds folder into train/test samples, class names and class parents.
 
-    Boxes ``x y w h`` become ``(x1, y1, x2, y2)`` pixels. Raises :class:`DatasetFormatError` naming
+    Boxes ``x y w h`` become ``(x1, y1, x2, y2)`` pixels of the image size that ``sizes.txt`` gives
+    (``Sample.size``; a resized copy of the dataset then gets its boxes scaled by the ratio when loaded,
+    with one warning). Raises :class:`DatasetFormatError` naming
     the file and line for a line that does not parse, ids that disagree across files, a label or a
     hierarchy entry naming a class that ``classes.txt`` lacks, a class without a parent, and image
     paths that escape the root.
@@ -92,7 +94,7 @@ def read_nabirds(root: Path) -> Splits:
         flag_line, flag = is_train[image_id]
         if flag not in (0, 1):
             raise DatasetFormatError(f"{files['train_test_split.txt']}:{flag_line}: flag must be 1 (train) or 0 (test), got {flag}")
-        sample = Sample(path=f"images/{rel}", label=label_of[labels[image_id][1]], box=boxes[image_id][1])
+        sample = Sample(path=f"images/{rel}", label=label_of[labels[image_id][1]], box=boxes[image_id][1], size=sizes[image_id][1])
         (train if flag == 1 else test).append(sample)
     return Splits(train=train, test=test, class_names=class_names, class_parents=class_parents)
 

@@ -39,8 +39,9 @@ def read_oxford_pets(root: Path) -> Splits:
 
     Raises :class:`DatasetFormatError` naming the file and line for a line that does not parse, a
     species other than 1/2, an image listed twice, a class id that goes with two names or species
-    (or a name with two class ids), class ids that are not ``1..C`` without gaps, an image name that
-    escapes ``images/``, and an XML file without a valid box.
+    (or a name with two class ids), an image name that is absolute or contains ``..``, and an XML
+    file without a valid box. The class ids present become labels ``0..C-1`` in increasing id order,
+    so a subset of the breeds (ids 3, 17, 30) is a 3-class dataset keeping the breed names.
     """
     lists = {split: require_file(root / "annotations" / f"{split}.txt", layout_hint=PETS_LAYOUT) for split in ("trainval", "test")}
     class_of_name: dict[str, tuple[int, str]] = {}  # breed name -> (class id, where first seen)
@@ -74,19 +75,14 @@ def read_oxford_pets(root: Path) -> Splits:
             resolve_inside(root / "images", f"{image}.jpg", source=where)
             rows[split].append((image, class_id))
 
-    class_ids = sorted(name_of_class)
-    if class_ids != list(range(1, len(class_ids) + 1)):
-        gaps = sorted(set(range(1, max(class_ids, default=0) + 1)) - set(class_ids))
-        raise DatasetFormatError(
-            f"class ids in {lists['trainval']} and {lists['test']} must be 1..C without gaps; "
-            f"found {len(class_ids)} ids up to {max(class_ids, default=0)}, missing {gaps[:10]}"
-        )
+    class_ids = sorted(name_of_class)  # a subset of the 37 breeds is fine: ids map to 0..C-1 in id order
+    label_of = {class_id: label for label, class_id in enumerate(class_ids)}
     class_names = [name_of_class[i][0] for i in class_ids]
 
     xml_dir = root / "annotations" / "xmls"
     splits = {
         split: [
-            Sample(path=f"images/{image}.jpg", label=class_id - 1, box=read_pet_box(xml_dir / f"{image}.xml"))
+            Sample(path=f"images/{image}.jpg", label=label_of[class_id], box=read_pet_box(xml_dir / f"{image}.xml"))
             for image, class_id in split_rows
         ]
         for split, split_rows in rows.items()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Sequence
 
 from data_modules.errors import DatasetFormatError, MissingImagesError
@@ -32,25 +32,28 @@ class Sample:
 
 
 def resolve_inside(root: Path, relative: str, *, source: str) -> Path:
-    """Join ``relative`` to ``root`` and refuse paths that escape the dataset root.
+    """Join ``relative`` to ``root``, refusing a path that is absolute or climbs out with ``..``.
+
+    The check is on the path as written, not on where it leads: symbolic links inside the root are
+    followed wherever they point (datasets under DVC or git-annex, or subsets built from links into
+    a shared store, are laid out like that; the user made those links). What a metadata file may
+    not do is name a file outside the root itself.
 
     Args:
         root: dataset root.
         relative: a path as written in a metadata file.
         source: where the path was read (``"images.txt line 12"``), for the error message.
     """
-    candidate = Path(relative)
+    candidate = PurePosixPath(relative)
     if candidate.is_absolute():
         raise DatasetFormatError(
             f"{source}: image path {relative!r} is absolute; expected a path relative to the dataset root {root}"
         )
-    resolved_root = root.resolve()
-    resolved = (resolved_root / candidate).resolve()
-    if resolved_root not in resolved.parents:
+    if ".." in candidate.parts or not candidate.parts:
         raise DatasetFormatError(
-            f"{source}: image path {relative!r} escapes the dataset root {root}; refusing to read it"
+            f"{source}: image path {relative!r} escapes the dataset root {root} (contains '..'); refusing to read it"
         )
-    return resolved
+    return root / candidate
 
 
 def check_images_exist(root: Path, samples: Sequence[Sample], *, limit: int = 20) -> None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+
 import pytest
 
 from data_modules.cub import CUB200DataModule, read_cub
@@ -111,6 +114,28 @@ def test_unknown_class_id(cub_copy):
         read_cub(cub_copy)
 
 
+def test_a_subset_of_classes_with_other_ids_keeps_names_in_id_order(cub_root, cub_copy):
+    """Classes renumbered 26..29 (a subset of a larger set), and no image of class 27 at all."""
+    full = read_cub(cub_root)
+    classes = cub_copy / "classes.txt"
+    classes.write_text("".join(f"{int(i) + 25} {name}\n" for i, name in (line.split() for line in classes.read_text().splitlines())))
+    labels = [line.split() for line in (cub_copy / "image_class_labels.txt").read_text().splitlines()]
+    dropped = {image_id for image_id, class_id in labels if class_id == "2"}
+    for name in ("images.txt", "image_class_labels.txt", "train_test_split.txt", "bounding_boxes.txt"):
+        path = cub_copy / name
+        lines = [line for line in path.read_text().splitlines() if line.split()[0] not in dropped]
+        if name == "image_class_labels.txt":
+            lines = [f"{image_id} {int(class_id) + 25}" for image_id, class_id in (line.split() for line in lines)]
+        path.write_text("\n".join(lines) + "\n")
+    subset = read_cub(cub_copy)
+    assert subset.class_names == [full.class_names[0], full.class_names[2], full.class_names[3]]
+    by_path = {s.path: s for s in full.train + full.test}
+    assert len(subset.train) + len(subset.test) == len(by_path) - len(dropped)
+    for sample in subset.train + subset.test:
+        assert subset.class_names[sample.label] == full.class_names[by_path[sample.path].label]
+    assert tiny_datamodule(CUB200DataModule, cub_copy).num_classes == 3
+
+
 @pytest.mark.parametrize("bad", ["../../etc/passwd", "/etc/passwd"])
 def test_path_escaping_root_is_refused(cub_copy, bad):
     path = cub_copy / "images.txt"
@@ -119,6 +144,18 @@ def test_path_escaping_root_is_refused(cub_copy, bad):
     path.write_text("\n".join(lines) + "\n")
     with pytest.raises(DatasetFormatError, match="images.txt:1"):
         read_cub(cub_copy)
+
+
+def test_symlinked_image_folder_is_followed(cub_copy, tmp_path):
+    """images/<class> a link into a shared store outside the root: read, checked and decoded."""
+    sample = read_cub(cub_copy).test[0]
+    folder = (cub_copy / sample.path).parent
+    shutil.move(folder, tmp_path / "store")
+    os.symlink(tmp_path / "store", folder)
+    dm = tiny_datamodule(CUB200DataModule, cub_copy)
+    dm.setup("test")
+    index = next(i for i, s in enumerate(dm.datasets["test"].samples) if s.path == sample.path)
+    assert dm.datasets["test"][index]["image"].shape == (3, 64, 64)
 
 
 def test_missing_images_are_listed_at_setup(cub_copy):

@@ -114,9 +114,21 @@ def test_train_class_folder_without_images(folder_copy):
         read_image_folder(folder_copy)
 
 
-def test_symlink_escaping_root_is_refused(folder_copy, tmp_path):
-    outside = tmp_path / "outside.jpg"
-    shutil.copy(next((folder_copy / "test").rglob("*.jpg")), outside)
-    os.symlink(outside, folder_copy / "train" / SORTED_CLASSES[0] / "link.jpg")
-    with pytest.raises(DatasetFormatError, match=r"image path .*link.jpg' escapes the dataset root"):
-        read_image_folder(folder_copy)
+def test_symlinked_images_and_class_folders_into_a_shared_store_are_followed(folder_copy, tmp_path):
+    """A subset built from links into a store outside the root (as DVC / git-annex lay datasets out)."""
+    store = tmp_path / "store"
+    store.mkdir()
+    linked_class = folder_copy / "train" / SORTED_CLASSES[1]
+    shutil.move(linked_class, store / "class_folder")
+    os.symlink(store / "class_folder", linked_class)  # a symlinked class folder
+    image = next((folder_copy / "train" / SORTED_CLASSES[0]).glob("*.jpg"))
+    shutil.move(image, store / "image.jpg")
+    os.symlink(store / "image.jpg", image)  # a symlinked image file
+    splits = read_image_folder(folder_copy)
+    paths = {s.path: s.label for s in splits.train + (splits.val or [])}
+    assert paths[image.relative_to(folder_copy).as_posix()] == 0
+    assert sum(label == 1 for label in paths.values()) == len(list((store / "class_folder").glob("*.jpg"))) > 0
+    dm = _dm(folder_copy, val_fraction=0.0)
+    dm.setup("fit")
+    batches = list(dm.train_dataloader())
+    assert sum(len(b["path"]) for b in batches) == len(splits.train)

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from data_modules.dataset import load_rgb
 from data_modules.errors import DatasetFormatError, DatasetNotFoundError
@@ -216,3 +217,28 @@ def test_path_escaping_root_is_refused(nabirds_copy, bad):
     _set_line(path, 0, f"{_first_field(path, 0)} {bad}")
     with pytest.raises(DatasetFormatError, match=r"images.txt:1: image path"):
         read_nabirds(nabirds_copy)
+
+
+def test_resized_copy_of_an_image_gets_its_box_scaled_by_sizes_txt(nabirds_copy, tmp_path, caplog):
+    """An image stored at half the size ``sizes.txt`` gives: the box follows, with and without the cache."""
+    splits = read_nabirds(nabirds_copy)
+    sample = next(s for s in splits.test if s.box is not None)
+    with Image.open(nabirds_copy / sample.path) as img:
+        assert img.size == sample.size
+        img.resize((img.width // 2, img.height // 2)).save(nabirds_copy / sample.path, format="JPEG", quality=95)
+    half = np.asarray(sample.box) * np.asarray([img.width // 2 / img.width, img.height // 2 / img.height] * 2)
+
+    def identity(image, box):
+        return torch.from_numpy(image.copy()), np.asarray(box, dtype=np.float32)
+
+    for cache_dir in (None, tmp_path / "cache"):
+        dm = _dm(nabirds_copy, cache_dir=cache_dir, cache_size=40)
+        dm.prepare_data()
+        dm.setup("test")
+        dataset = dm.datasets["test"]
+        dataset.transform = identity
+        item = dataset[next(i for i, s in enumerate(dataset.samples) if s.path == sample.path)]
+        h, w = item["image"].shape[:2]
+        scale = np.asarray([w / (img.width // 2), h / (img.height // 2)] * 2)  # 1 without the cache
+        np.testing.assert_allclose(item["box"].numpy(), half * scale, atol=0.01)
+    assert "but the metadata says" in caplog.text  # the original path warns (once); the cache scaled it

@@ -141,12 +141,19 @@ def test_species_that_disagrees_within_a_class(pets_copy):
         read_oxford_pets(pets_copy)
 
 
-def test_class_ids_with_a_gap(pets_copy):
-    for name in ("trainval.txt", "test.txt"):
+def test_a_subset_of_breeds_with_other_ids_keeps_names_in_id_order(pets_root, pets_copy):
+    full = read_oxford_pets(pets_root)
+    for name in ("trainval.txt", "test.txt"):  # keep breeds 2 and 4 only, breed 4 listed as id 30
         path = pets_copy / "annotations" / name
-        path.write_text(path.read_text().replace(" 4 2 2\n", " 7 2 2\n"))  # violet_patched: class 4 -> 7
-    with pytest.raises(DatasetFormatError, match=r"must be 1..C without gaps; found 4 ids up to 7, missing \[4, 5, 6\]"):
-        read_oxford_pets(pets_copy)
+        kept = [line for line in path.read_text().splitlines() if line.startswith("#") or line.split()[1] in ("2", "4")]
+        path.write_text("\n".join(line.replace(" 4 2 2", " 30 2 2") for line in kept) + "\n")
+    subset = read_oxford_pets(pets_copy)
+    assert subset.class_names == [full.class_names[1], full.class_names[3]]
+    by_path = {s.path: s for s in full.train + full.test}
+    assert len(subset.train) + len(subset.test) == sum(s.label in (1, 3) for s in by_path.values())
+    for sample in subset.train + subset.test:
+        assert subset.class_names[sample.label] == full.class_names[by_path[sample.path].label]
+        assert sample.box == by_path[sample.path].box
 
 
 def test_image_listed_twice(pets_copy):

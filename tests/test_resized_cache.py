@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -201,3 +202,18 @@ def test_command_line_names_a_wrong_dataset(capsys):
     with pytest.raises(SystemExit):
         main(["--dataset", "imagenet", "--root", "r", "--cache-dir", "c"])
     assert "invalid choice: 'imagenet'" in capsys.readouterr().err
+
+
+def test_stale_temporary_files_are_removed_on_every_run_but_fresh_ones_are_kept(cub_root, tmp_path):
+    """A complete cache, a killed run's leftover (2 h old) and a live writer's file (just written)."""
+    cache = ResizedImageCache(tmp_path / "c", SIDE)
+    paths = _paths(cub_root)
+    cache.prepare(cub_root, paths, progress=False)
+    folder = (cache.cache_dir / paths[0]).parent
+    stale, live = folder / ".a.jpg.4242.part", folder / ".b.jpg.4343.part"
+    stale.write_bytes(b"\xff\xd8 half")
+    live.write_bytes(b"\xff\xd8 being written")
+    two_hours_ago = time.time() - 2 * 3600
+    os.utime(stale, (two_hours_ago, two_hours_ago))
+    cache.prepare(cub_root, paths, progress=False)  # nothing left to do
+    assert not stale.exists() and live.exists()

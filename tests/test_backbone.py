@@ -1,5 +1,7 @@
 """TimmBackbone: NCHW stage maps from Swin, ResNet, ConvNeXt, ViT and feature_info-only models."""
 
+from pathlib import Path
+
 import pytest
 import timm
 import torch
@@ -67,6 +69,96 @@ def test_local_weights_load_with_their_normal_key_names(tmp_path):
     backbone = TimmBackbone(SWIN, pretrained=str(path), img_size=96, **TINY_SWIN)
     loaded = backbone.model.state_dict()
     assert loaded.keys() and all(torch.equal(v, source.state_dict()[k]) for k, v in loaded.items())
+
+
+SHARED_WEIGHTS = Path(__file__).resolve().parents[2] / "shared" / "weights" / "efficientnet_lite0_imagenet.safetensors"
+
+
+def _hooked_outputs(model, names, x):
+    """Outputs of the named modules of a plain timm model on ``x``, by forward hooks (NCHW)."""
+    captured = {}
+    handles = [
+        model.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: captured.__setitem__(n, o)) for n in names
+    ]
+    model.forward_features(x)
+    for h in handles:
+        h.remove()
+    return captured
+
+
+def test_swin_paper_taps_are_timms_patch_merging_outputs_and_the_final_norm():
+    # the paper's maps (mgff/models/fusion.py): layers.{1,2,3}.downsample and norm(layers.3)
+    torch.manual_seed(0)
+    reference = timm.create_model(SWIN, img_size=96, num_classes=0, **TINY_SWIN).eval()
+    path_state = reference.state_dict()
+    backbone = TimmBackbone(SWIN, out_indices=(3,), stage_inputs=(1, 2, 3), img_size=96, **TINY_SWIN).eval()
+    backbone.model.load_state_dict(path_state)
+    assert backbone.feature_modules == ["layers.1.downsample", "layers.2.downsample", "layers.3.downsample", "layers.3 + norm"]
+    assert backbone.feature_channels == [48, 96, 192, 192] and backbone.feature_reductions == [8, 16, 32, 32]
+    x = torch.randn(2, 3, 96, 96)
+    names = ["layers.1.downsample", "layers.2.downsample", "layers.3.downsample", "norm"]
+    expected = _hooked_outputs(reference, names, x)
+    maps = backbone(x)
+    for got, name in zip(maps, names):
+        torch.testing.assert_close(got, expected[name].permute(0, 3, 1, 2))  # timm's Swin is NHWC
+    # the final norm matters: without it the last map is the raw stage output
+    assert not torch.allclose(maps[-1], _hooked_outputs(reference, ["layers.3"], x)["layers.3"].permute(0, 3, 1, 2))
+
+
+def test_swin_keeps_its_pretrained_final_norm(tmp_path):
+    source = timm.create_model(SWIN, img_size=96, **TINY_SWIN)
+    with torch.no_grad():
+        source.norm.weight.uniform_(0.5, 1.5)
+    path = tmp_path / "swin.pth"
+    torch.save(source.state_dict(), path)
+    backbone = TimmBackbone(SWIN, pretrained=str(path), img_size=96, **TINY_SWIN)
+    assert backbone.feature_modules[-1] == "layers.3 + norm"
+    torch.testing.assert_close(backbone.model.norm.weight, source.norm.weight)
+
+
+def test_efficientnet_last_map_is_after_conv_head_and_bn2(tmp_path):
+    torch.manual_seed(0)
+    source = timm.create_model("efficientnet_lite0")
+    with torch.no_grad():  # weights that a fresh model would not have
+        source.conv_head.weight.normal_()
+        source.bn2.running_mean.uniform_(-1, 1)
+    path = tmp_path / "effnet.pth"
+    torch.save(source.state_dict(), path)
+    backbone = TimmBackbone("efficientnet_lite0", out_indices=(2, 3, 4), pretrained=str(path)).eval()
+    assert backbone.feature_channels == [40, 112, 1280] and backbone.feature_reductions == [8, 16, 32]
+    assert backbone.feature_modules[-1] == "blocks.6 + conv_head/bn2"
+    torch.testing.assert_close(backbone.model.conv_head.weight, source.conv_head.weight)
+    torch.testing.assert_close(backbone.model.bn2.running_mean, source.bn2.running_mean)
+    source.eval()
+    x = torch.randn(1, 3, 64, 64)
+    maps = backbone(x)
+    expected = _hooked_outputs(source, ["blocks.2", "blocks.4", "bn2"], x)
+    for got, name in zip(maps, ["blocks.2", "blocks.4", "bn2"]):
+        torch.testing.assert_close(got, expected[name])
+    assert (maps[-1] >= 0).all()  # post-activation (ReLU6 in the Lite variants)
+
+
+def test_efficientnet_head_conv_goes_when_the_last_stage_is_not_taken():
+    backbone = TimmBackbone("efficientnet_lite0", out_indices=(2, 3))
+    assert isinstance(backbone.model.conv_head, nn.Identity)
+    assert backbone.feature_channels == [40, 112]
+
+
+@pytest.mark.skipif(not SHARED_WEIGHTS.is_file(), reason=f"shared weights not found at {SHARED_WEIGHTS} (../shared absent)")
+def test_shared_efficientnet_weights_keep_conv_head():
+    from safetensors.torch import load_file
+
+    state = load_file(str(SHARED_WEIGHTS))
+    backbone = TimmBackbone("efficientnet_lite0", out_indices=(-1,), pretrained=str(SHARED_WEIGHTS)).eval()
+    torch.testing.assert_close(backbone.model.conv_head.weight, state["conv_head.weight"])
+    torch.testing.assert_close(backbone.model.bn2.weight, state["bn2.weight"])
+    (last,) = backbone(torch.zeros(1, 3, 64, 64))
+    assert last.shape == (1, 1280, 2, 2) and torch.isfinite(last).all()
+
+
+def test_stage_inputs_need_a_downsample_module():
+    with pytest.raises(ValueError, match="no downsample"):
+        TimmBackbone(SWIN, out_indices=(3,), stage_inputs=(0,), img_size=96, **TINY_SWIN)
 
 
 def test_unknown_model_name_is_an_error():

@@ -195,3 +195,36 @@ def test_single_node_graph_is_refused_with_a_clear_error():
     per_scale = MGFFHead([8, 16], [16, 32], num_classes=3, dim=16, num_heads=2, num_super_nodes=2, nodes="per_scale")
     out = per_scale([torch.randn(2, 8, 2, 2), torch.randn(2, 16, 1, 1)])
     assert torch.isfinite(out.aux_loss)
+
+
+def test_paper_maps_last_one_enters_as_it_is():
+    # the paper's reading: three patch-merging outputs through 4x4/2x2/1x1 convs, the final normed map as it is
+    torch.manual_seed(0)
+    backbone = TimmBackbone("swin_base_patch4_window12_384", out_indices=(3,), stage_inputs=(1, 2, 3), img_size=96, **TINY_SWIN)
+    head = MGFFHead(backbone.feature_channels, backbone.feature_reductions, NUM_CLASSES, dim=192, align_last=False,
+                    num_heads=4, num_super_nodes=4)
+    assert [type(a).__name__ for a in head.align] == ["Sequential", "Sequential", "Sequential", "Identity"]
+    assert [a[0].kernel_size for a in head.align[:3]] == [(4, 4), (2, 2), (1, 1)]
+    maps = backbone(torch.randn(2, 3, 96, 96))
+    record = head.forward_details(maps)
+    torch.testing.assert_close(record["aligned"][-1], maps[-1])  # untouched
+    assert record["nodes"].shape == (2, 9, 4 * 192)  # four maps concatenated per 3x3 grid position
+    assert record["output"].logits.shape == (2, NUM_CLASSES)
+
+
+def test_align_last_false_needs_the_width_of_the_last_map(swin_features):
+    with pytest.raises(ValueError, match="align_last=False.*192 channels"):
+        make_head(swin_features, align_last=False, dim=32)
+
+
+def test_logits_depend_on_the_super_node_assignment(swin_features):
+    # with the old sum-pooling readout, the assignment layer never reached the logits
+    torch.manual_seed(0)
+    head = make_head(swin_features, use_attention=False, use_se=False).eval()
+    before = head(swin_features[0]).logits
+    with torch.no_grad():
+        head.graph.assign.weight.mul_(5.0).add_(torch.randn_like(head.graph.assign.weight))
+    after = head(swin_features[0]).logits
+    assert (before - after).abs().max() > 1e-4
+    head(swin_features[0]).logits.sum().backward()
+    assert head.graph.assign.weight.grad.abs().sum() > 0  # the classification loss trains S too

@@ -5,7 +5,7 @@ import torch
 from torch_geometric.nn.dense import dense_diff_pool, dense_mincut_pool
 from torch_geometric.utils import grid, to_dense_adj
 
-from mgff.models.graph import GraphPooling, LearnedGridAdjacency, similarity_adjacency
+from mgff.models.graph import GraphPooling, LearnedGridAdjacency, pool_into_super_nodes, similarity_adjacency
 
 
 def test_similarity_adjacency_is_a_symmetric_knn_graph():
@@ -64,8 +64,10 @@ def test_pooling_matches_torch_geometric_and_returns_both_losses(pool, reference
     h = x
     for conv in module.convs:
         h = module.act(conv(h, adj))
-    expected, _, loss_a, loss_b = reference(h, adj, module.assign(h))
-    torch.testing.assert_close(pooled, expected)
+    logits = module.assign(h)
+    summed, _, loss_a, loss_b = reference(h, adj, logits)
+    mass = logits.softmax(-1).sum(dim=1).unsqueeze(-1)
+    torch.testing.assert_close(pooled, summed / (mass + 1e-6))  # each super-node: the weighted mean
     torch.testing.assert_close(aux_loss, loss_a + loss_b)
     assert torch.isfinite(aux_loss)
 
@@ -104,3 +106,49 @@ def test_similarity_graph_has_no_parameters():
 def test_bad_options_are_errors(kwargs):
     with pytest.raises(ValueError):
         GraphPooling(8, 8, **kwargs)
+
+
+def _old_readout(x, adj, logits, pool):
+    """The readout before the fix, kept here as the reference the new one must differ from:
+    ``mean_k (SᵀX)_k``, which is ``(1/K) Σ_n X_n`` for any softmax assignment."""
+    reference = dense_mincut_pool if pool == "mincut" else dense_diff_pool
+    return reference(x, adj, logits)[0].mean(dim=1)
+
+
+def _new_readout(x, adj, logits, pool):
+    return pool_into_super_nodes(x, adj, logits, pool)[0].mean(dim=1)
+
+
+@pytest.mark.parametrize("pool", ["mincut", "diffpool"])
+def test_readout_depends_on_the_assignment(pool):
+    torch.manual_seed(0)
+    x = torch.randn(1, 10, 6)
+    adj = similarity_adjacency(x)
+    logits_a, logits_b = torch.randn(1, 10, 3), 3 * torch.randn(1, 10, 3)
+    new_a, new_b = _new_readout(x, adj, logits_a, pool), _new_readout(x, adj, logits_b, pool)
+    assert (new_a - new_b).abs().max() > 1e-2
+    old_a, old_b = _old_readout(x, adj, logits_a, pool), _old_readout(x, adj, logits_b, pool)
+    torch.testing.assert_close(old_a, old_b)  # the old formula ignores S
+
+
+@pytest.mark.parametrize("pool", ["mincut", "diffpool"])
+@pytest.mark.parametrize("num_nodes", [4, 50])
+def test_readout_of_identical_nodes_is_that_node_whatever_n(pool, num_nodes):
+    torch.manual_seed(0)
+    row = torch.randn(6)
+    x = row.expand(2, num_nodes, 6).clone()
+    logits = torch.randn(2, num_nodes, 3)
+    adj = torch.ones(2, num_nodes, num_nodes) - torch.eye(num_nodes)
+    torch.testing.assert_close(_new_readout(x, adj, logits, pool), row.expand(2, 6), atol=1e-4, rtol=1e-4)
+    old = _old_readout(x, adj, logits, pool)
+    assert not torch.allclose(old, row.expand(2, 6), atol=1e-2)  # (N/K) times the row
+
+
+def test_an_empty_super_node_gives_no_nan():
+    x = torch.randn(1, 5, 4)
+    logits = torch.zeros(1, 5, 3)
+    logits[..., 2] = -1e4  # nothing is assigned to super-node 2
+    super_nodes, aux, _ = pool_into_super_nodes(x, similarity_adjacency(x), logits, "mincut")
+    assert torch.isfinite(super_nodes).all() and torch.isfinite(aux)
+    assert super_nodes[0, 2].abs().max() < 1e-3
+    torch.testing.assert_close(super_nodes[0, 0], x[0].mean(0))

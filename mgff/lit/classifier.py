@@ -17,7 +17,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from mgff.metrics.parent_accuracy import ParentAccuracy
-from mgff.lit.optim import build_optimizer, param_groups, warmup_cosine
+from mgff.lit.optim import build_optimizer, cosine_schedule, param_groups
 from mgff.models.backbone import TimmBackbone
 from mgff.models.fusion import MGFFHead
 from mgff.models.heads import HeadOutput, LinearHead
@@ -26,7 +26,7 @@ from mgff.models.normalization import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_ST
 log = logging.getLogger("mgff")
 
 # hyperparameters that fix the shape of the weights: a checkpoint must agree on them to load
-ARCHITECTURE_KEYS = ("backbone", "head", "num_classes", "stages", "fusion_dim", "attention", "use_attention", "use_se", "use_gcn", "graph_nodes")
+ARCHITECTURE_KEYS = ("backbone", "head", "num_classes", "stages", "stage_inputs", "align_last", "fusion_dim", "attention", "use_attention", "use_se", "use_gcn", "graph_nodes")
 
 
 class FineGrainedClassifier(L.LightningModule):
@@ -69,6 +69,12 @@ class FineGrainedClassifier(L.LightningModule):
         weight_decay: weight decay (not on biases and norm weights).
         warmup_epochs: linear warmup length in epochs (fractions allowed), then cosine decay per step.
         min_lr_ratio: the cosine schedule ends at ``lr * min_lr_ratio``.
+        scheduler_interval: ``epoch`` (the paper: "调整每轮的学习率", the lr is set once per epoch) or ``step``
+            (the cosine and warmup advance every step).
+        stage_inputs: backbone stages whose input map (after their patch merging) is also fused; the
+            paper's reading is ``stage_inputs: [1, 2, 3]`` with ``stages: [3]`` (see ``mgff/models/fusion.py``).
+        align_last: the MGFF head's conv on the last map; ``false`` feeds it as it is (the paper's
+            "最后一层除外"), then ``fusion_dim`` must equal its channels.
         channels_last: run the backbone in channels-last memory format (faster convs on GPU).
         compile: ``torch.compile`` the network's forward.
     """
@@ -113,6 +119,9 @@ class FineGrainedClassifier(L.LightningModule):
         weight_decay: float = 5e-4,
         warmup_epochs: float = 0.0,
         min_lr_ratio: float = 0.0,
+        scheduler_interval: Literal["epoch", "step"] = "epoch",
+        stage_inputs: Sequence[int] = (),
+        align_last: bool = True,
         channels_last: bool = False,
         compile: bool = False,
     ) -> None:
@@ -126,9 +135,7 @@ class FineGrainedClassifier(L.LightningModule):
         if optimizer not in ("sgd", "adamw"):
             raise ValueError(f"model.optimizer must be 'sgd' or 'adamw', got {optimizer!r}")
         self.save_hyperparameters()
-        self.backbone = TimmBackbone(
-            backbone, out_indices=tuple(stages), pretrained=pretrained, img_size=img_size, **(backbone_kwargs or {})
-        )
+        self.backbone = self.build_backbone()
         self.input_norm = InputNormalization(self.backbone, "model.backbone", data_mean, data_std, backbone_mean, backbone_std, pretrained)
         self.head = self.build_head(self.backbone.feature_channels, self.backbone.feature_reductions, num_classes)
         if class_parents is not None and len(class_parents) != num_classes:
@@ -140,6 +147,18 @@ class FineGrainedClassifier(L.LightningModule):
         )
 
     # ----- network ------------------------------------------------------------------------------
+    def build_backbone(self) -> TimmBackbone:
+        """The timm backbone returning the maps the head fuses (``stages``, ``stage_inputs``), from the hparams."""
+        hp = self.hparams
+        return TimmBackbone(
+            hp.backbone,
+            out_indices=tuple(hp.stages),
+            pretrained=hp.pretrained,
+            img_size=hp.img_size,
+            stage_inputs=tuple(hp.get("stage_inputs", ())),
+            **(hp.backbone_kwargs or {}),
+        )
+
     def build_head(self, channels: Sequence[int], reductions: Sequence[int], num_classes: int) -> nn.Module:
         """The classification head on the backbone's stage maps (linear or MGFF, from the hparams)."""
         hp = self.hparams
@@ -162,6 +181,7 @@ class FineGrainedClassifier(L.LightningModule):
             pool=hp.pool,
             num_super_nodes=hp.num_super_nodes,
             dropout=hp.dropout,
+            align_last=hp.get("align_last", True),
         )
 
     def classify(self, images: Tensor) -> HeadOutput:
@@ -244,11 +264,11 @@ class FineGrainedClassifier(L.LightningModule):
     def configure_optimizers(self):
         hp = self.hparams
         optimizer = build_optimizer(hp.optimizer, param_groups(self.optimizer_modules(), hp.weight_decay), hp.lr, hp.momentum, hp.nesterov)
-        total = self.trainer.estimated_stepping_batches
-        steps_per_epoch = total / max(self.trainer.max_epochs or 1, 1)
-        factor = warmup_cosine(total, round(hp.warmup_epochs * steps_per_epoch), hp.min_lr_ratio)
+        factor, interval = cosine_schedule(
+            hp.get("scheduler_interval", "epoch"), self.trainer.estimated_stepping_batches, self.trainer.max_epochs, hp.warmup_epochs, hp.min_lr_ratio
+        )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
 
     # ----- checkpoints --------------------------------------------------------------------------
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

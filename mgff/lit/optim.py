@@ -45,3 +45,24 @@ def warmup_cosine(total_steps: int, warmup_steps: int, min_lr_ratio: float = 0.0
         return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return factor
+
+
+SCHEDULER_INTERVALS = ("epoch", "step")
+
+
+def cosine_schedule(
+    interval: str, total_steps: int, max_epochs: int, warmup_epochs: float, min_lr_ratio: float = 0.0
+) -> tuple:
+    """``(factor, interval)`` for a ``LambdaLR`` stepped by Lightning every ``interval``.
+
+    ``epoch``: the paper's "使用函数cos(x)调整每轮的学习率" ("the lr of each epoch is set by cos(x)"): the
+    lr is constant within an epoch and follows the cosine over ``max_epochs``; warmup is rounded to
+    whole epochs. ``step``: the cosine (and warmup) advance every optimiser step.
+    """
+    if interval not in SCHEDULER_INTERVALS:
+        raise ValueError(f"scheduler_interval must be one of {SCHEDULER_INTERVALS}, got {interval!r}")
+    max_epochs = max(int(max_epochs or 1), 1)
+    if interval == "epoch":
+        return warmup_cosine(max_epochs, round(warmup_epochs), min_lr_ratio), "epoch"
+    steps_per_epoch = total_steps / max_epochs
+    return warmup_cosine(total_steps, round(warmup_epochs * steps_per_epoch), min_lr_ratio), "step"

@@ -12,7 +12,6 @@ from torch import Tensor, nn
 
 from mgff.lit.classifier import FineGrainedClassifier
 from mgff.metrics.box_iou import BoxIoU
-from mgff.models.backbone import TimmBackbone
 from mgff.models.cropper.attention_cropper import AttentionCropper
 from mgff.models.cropper.crops import CropOutput, crop_and_resize
 from mgff.models.normalization import InputNormalization
@@ -108,9 +107,7 @@ class TwoStageClassifier(FineGrainedClassifier):
         if shared_classifier:
             self.backbone2, self.head2 = None, None
         else:
-            self.backbone2 = TimmBackbone(
-                hp.backbone, out_indices=tuple(hp.stages), pretrained=hp.pretrained, img_size=hp.img_size, **(hp.backbone_kwargs or {})
-            )
+            self.backbone2 = self.build_backbone()
             self.head2 = self.build_head(self.backbone2.feature_channels, self.backbone2.feature_reductions, hp.num_classes)
         self.box_iou = nn.ModuleDict({"val": BoxIoU(), "test": BoxIoU()})
 

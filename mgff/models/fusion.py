@@ -15,6 +15,30 @@ fuses several stages (granularities) of the backbone:
 7. **classify**: mean over the super-nodes, dropout, linear.
 
 Steps 2, 3 and 5-6 can each be switched off for ablations; a switched-off step has no module.
+
+**Which maps: the paper's words and this reading.** The seed (§1.4.2) says:
+"需要将每一层变换为每个特征的统一尺寸(最后一层除外)... 总共需要处理三个特征图。它们的大小分别为
+48 × 48 × 256、24 × 24 × 512 和 12 × 12 × 1024。使用内核大小为 4 × 4、2 × 2 和 1 × 1 的卷积。所有特征图的
+统一大小为 12 × 12 × 1024 ... 最后,四个特征图在通道维度上连接起来" ("every layer is transformed to one
+common size (except the last layer) ... three feature maps are processed in total, of sizes 48x48x256,
+24x24x512 and 12x12x1024, with convolutions of kernel 4x4, 2x2 and 1x1; all maps share the size
+12x12x1024 ... finally the four feature maps are concatenated along the channels").
+
+Read against Microsoft's Swin code, where a layer is its blocks *followed by* patch merging, these are
+consistent: the outputs of layers 1-3 (after their merging) are exactly 48x48x256, 24x24x512,
+12x12x1024; the fourth layer has no merging and gives the final 12x12x1024 map, which is "the last
+layer" that is not transformed. Four maps are concatenated. So the paper configs
+(``experiments/cub.yaml``...) fuse, in timm's Swin-B at 384 px:
+
+- ``layers.1.downsample``, ``layers.2.downsample``, ``layers.3.downsample`` (timm's PatchMerging
+  outputs, before the blocks of stages 1-3), through 4x4, 2x2, 1x1 convs to 1024 channels;
+- ``norm(layers.3)``, the final normalised 12x12x1024 map, as it is (``align_last=False``).
+
+In the backbone config: ``stages: [3]``, ``stage_inputs: [1, 2, 3]``; in the head: ``dim: 1024``,
+``align_last: False``. Departure: each converted map also gets a LayerNorm2d (the paper names only
+the conv). Other readings stay options: timm's stage outputs (``stages: [1, 2, 3]``, the maps
+*after* each stage's blocks, same sizes), all four stage outputs (``stages: [0, 1, 2, 3]``), and a
+1x1 conv on the last map too (``align_last=True``, needed when ``dim`` differs from its channels).
 """
 
 from __future__ import annotations
@@ -57,6 +81,9 @@ class MGFFHead(nn.Module):
         num_super_nodes: ``K``.
         dropout: dropout after the GCN layers and before the classifier.
         max_grid: largest grid side of the aligned maps (relative position tables).
+        align_last: the last map goes through a conv + norm like the others (``True``) or enters as
+            it is (``False``, the paper's "最后一层除外"; its channels must equal ``dim`` and it must be
+            on the coarsest grid).
 
     Shapes:
         ``forward([(B, C_i, H_i, W_i), ...]) -> HeadOutput(logits (B, num_classes), aux_loss (),
@@ -84,6 +111,7 @@ class MGFFHead(nn.Module):
         num_super_nodes: int = 8,
         dropout: float = 0.1,
         max_grid: int = 32,
+        align_last: bool = True,
     ) -> None:
         super().__init__()
         if len(in_channels) != len(reductions) or not in_channels:
@@ -94,6 +122,11 @@ class MGFFHead(nn.Module):
         if any(coarsest % r for r in reductions):
             raise ValueError(f"reductions {list(reductions)} must all divide the largest")
         num_scales = len(in_channels)
+        if not align_last and (in_channels[-1] != dim or reductions[-1] != coarsest):
+            raise ValueError(
+                f"align_last=False feeds the last map as it is: it needs {dim} channels (dim) on the coarsest "
+                f"grid (reduction {coarsest}), got {in_channels[-1]} channels at reduction {reductions[-1]}"
+            )
         self.nodes = nodes
         self.coarsest_index = list(reductions).index(coarsest)
 
@@ -105,6 +138,8 @@ class MGFFHead(nn.Module):
             )
             for c, r in zip(in_channels, reductions)
         )
+        if not align_last:
+            self.align[-1] = nn.Identity()
         # 2. spatial attention, one per map (each granularity attends in its own way).
         if use_attention:
             kwargs = {"max_grid": max_grid} if attention == "mhsa" else {}

@@ -2,8 +2,16 @@
 
 Every grid position (and, in ``per_scale`` mode, every scale) of the fused map is a node. A few
 :class:`~torch_geometric.nn.dense.DenseGCNConv` layers relate the nodes over an adjacency matrix,
-an assignment layer scores each node against ``K`` super-nodes, and MinCut or DiffPool pooling sums
-the nodes into the super-nodes. The pooling's two regularisers are returned as the auxiliary loss.
+an assignment layer scores each node against ``K`` super-nodes, and each super-node is the
+assignment-weighted *mean* of its nodes (:func:`pool_into_super_nodes`). The MinCut or DiffPool
+regularisers train the assignment and are returned as the auxiliary loss.
+
+Why a mean and not the pooling's ``X' = SᵀX``: with a softmax assignment every row of ``S`` sums to 1,
+so the equal-weight average over the ``K`` rows of ``SᵀX`` is ``(1/K) Σ_n X_n`` whatever ``S`` is.
+The assignment then never reaches the logits, and the readout's scale grows with the number of nodes.
+The mean of each super-node, averaged with equal weight per super-node (the paper's "对这些超级节点的
+特征进行平均", "the features of these super-nodes are averaged"), depends on ``S``: a small super-node
+(a bird's head) weighs as much as a large one (the background).
 
 Adjacency. A parameter of fixed size ``(N, N)`` would tie the head to one input size, while the head
 has to serve any grid (other crops, other backbones). So:
@@ -28,7 +36,7 @@ from torch_geometric.nn.dense import DenseGCNConv, dense_diff_pool, dense_mincut
 
 from mgff.models.attention import relative_position_index
 
-__all__ = ["GraphPooling", "LearnedGridAdjacency", "similarity_adjacency"]
+__all__ = ["GraphPooling", "LearnedGridAdjacency", "pool_into_super_nodes", "similarity_adjacency"]
 
 ADJACENCY_KINDS = ("similarity", "learned", "both")
 POOL_KINDS = ("mincut", "diffpool")
@@ -56,6 +64,39 @@ def similarity_adjacency(x: Tensor, top_k: int | None = 8) -> Tensor:
         sim = sim * (sim >= threshold)
         sim = torch.maximum(sim, sim.transpose(1, 2))
     return sim + 1e-4 * (~eye).to(sim.dtype)
+
+
+def pool_into_super_nodes(
+    x: Tensor, adj: Tensor, logits: Tensor, pool: str = "mincut", eps: float = 1e-6
+) -> tuple[Tensor, Tensor, Tensor]:
+    r"""Super-nodes as assignment-weighted means of the nodes, and the pooling's regularisers.
+
+    .. math::
+        \mathbf{S} = \mathrm{softmax}(\text{logits}), \quad
+        \mathbf{X}' = \mathrm{diag}(\mathbf{S}^\top \mathbf{1} + \epsilon)^{-1} \mathbf{S}^\top \mathbf{X}
+
+    Args:
+        x: node features ``(B, N, F)``.
+        adj: adjacency ``(B, N, N)``.
+        logits: assignment scores ``(B, N, K)`` (softmax over ``K`` inside).
+        pool: ``mincut`` (:func:`~torch_geometric.nn.dense.dense_mincut_pool`) or ``diffpool``
+            (:func:`~torch_geometric.nn.dense.dense_diff_pool`); chooses the regularisers.
+        eps: added to each super-node's mass ``Σ_n S_nk``, so an empty super-node gives ``~0``
+            instead of ``0/0``.
+
+    Returns:
+        ``(super_nodes (B, K, F), aux_loss (), assignment S (B, N, K))``; ``aux_loss`` is the sum of
+        the two regularisers (see :class:`GraphPooling`).
+    """
+    if pool == "mincut":
+        summed, _, loss_a, loss_b = dense_mincut_pool(x, adj, logits)
+    elif pool == "diffpool":
+        summed, _, loss_a, loss_b = dense_diff_pool(x, adj, logits)
+    else:
+        raise ValueError(f"unknown pool {pool!r}; choose one of {POOL_KINDS}")
+    assignment = logits.softmax(dim=-1)
+    mass = assignment.sum(dim=1).unsqueeze(-1)  # (B, K, 1)
+    return summed / (mass + eps).to(summed.dtype), loss_a + loss_b, assignment
 
 
 class LearnedGridAdjacency(nn.Module):
@@ -110,7 +151,8 @@ class GraphPooling(nn.Module):
         \mathbf{X}^{(l+1)} = \mathrm{GELU}\big(\hat{\mathbf{D}}^{-1/2} \hat{\mathbf{A}}
         \hat{\mathbf{D}}^{-1/2} \mathbf{X}^{(l)} \mathbf{W}^{(l)}\big), \quad
         \mathbf{S} = \mathrm{softmax}(\mathbf{X}^{(L)} \mathbf{W}_s), \quad
-        \mathbf{X}' = \mathbf{S}^\top \mathbf{X}^{(L)}
+        \mathbf{X}' = \mathrm{diag}(\mathbf{S}^\top \mathbf{1} + \epsilon)^{-1}
+        \mathbf{S}^\top \mathbf{X}^{(L)}
 
     with :math:`\hat{\mathbf{A}} = \mathbf{A} + \mathbf{I}` (Kipf & Welling, ICLR 2017), and the
     assignment :math:`\mathbf{S} \in \mathbb{R}^{B \times N \times K}` trained by the pooling's
@@ -199,9 +241,4 @@ class GraphPooling(nn.Module):
         adj = self.build_adjacency(x, grid_size)
         for conv in self.convs:
             x = self.dropout(self.act(conv(x, adj)))
-        logits = self.assign(x)
-        if self.pool == "mincut":
-            pooled, _, loss_a, loss_b = dense_mincut_pool(x, adj, logits)
-        else:
-            pooled, _, loss_a, loss_b = dense_diff_pool(x, adj, logits)
-        return pooled, loss_a + loss_b, logits.softmax(dim=-1)
+        return pool_into_super_nodes(x, adj, self.assign(x), self.pool)

@@ -8,7 +8,9 @@ Under DDP (``--trainer.strategy ddp``, or ``srun`` on SLURM) every rank runs thi
 test are collective (the test split is evaluated once, sharded over the ranks without duplicates),
 and rank 0 alone writes ``metrics.json`` and prints. A run stopped by a signal
 (:class:`~mgff.callbacks.preemption.PreemptionCheckpoint`) skips the test and exits with ``128 + signal``
-after saying which checkpoint to resume from.
+after saying which checkpoint to resume from. A run whose training loss turns NaN or infinite stops at
+that step (:class:`~mgff.callbacks.nonfinite_loss.StopOnNonFiniteLoss`), is not tested, writes no
+``metrics.json`` and exits non-zero with the step, epoch and loss terms.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from mgff.callbacks.nonfinite_loss import NonFiniteLossError
 from mgff.callbacks.preemption import TrainingPreempted
 from mgff.cli import MGFFCLI
 
@@ -47,6 +50,10 @@ def run(args: list[str] | None = None) -> dict[str, Any]:
         if trainer.is_global_zero:
             then = "the requeued SLURM job resumes from it by itself" if stop.requeued else f"rerun with --ckpt_path {stop.checkpoint}"
             print(f"mgff: {stop}; not tested; {then}")
+        raise
+    except NonFiniteLossError as err:
+        if trainer.is_global_zero:
+            print(f"mgff: {err} Not tested, no metrics.json written.")
         raise
     fit_seconds = time.perf_counter() - start
 

@@ -1,17 +1,27 @@
-"""The CLI end to end on tiny generated data: fit -> test -> metrics.json, predict -> CSV, bad configs."""
+"""The CLI end to end on tiny generated data: fit -> test -> metrics.json, predict -> CSV, bad configs
+refused at start-up, a diverging run stopped, checkpoints used without their initial weights file and on
+data listing the classes in another order, predictions for a folder of new photos."""
 
 from __future__ import annotations
 
 import csv
 import json
+import logging
+import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
+import timm
 import torch
 import yaml
+from PIL import Image
+from safetensors.torch import save_file
 
+from mgff.callbacks.nonfinite_loss import NonFiniteLossError
 from mgff.cli import main as cli_main
 from mgff.fit import run as fit_run
+from mgff.predict_folder import predict_folder
 
 DEMO = str(Path(__file__).resolve().parents[1] / "experiments" / "demo.yaml")
 
@@ -41,9 +51,21 @@ def tiny_args(tmp_path: Path, cub_root: Path, *extra: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory, cub_root):
+    """The demo model fitted from a local pretrained weights file, which is then deleted: every later use
+    of the checkpoint (predict, test, resume) must do without it."""
     tmp = tmp_path_factory.mktemp("fit")
-    metrics = fit_run(tiny_args(tmp, cub_root))
+    demo_backbone = yaml.safe_load(open(DEMO))["model"]["init_args"]
+    weights = tmp / "initial_weights.safetensors"
+    source = timm.create_model(demo_backbone["backbone"], num_classes=0, **demo_backbone["backbone_kwargs"])
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(weights))
+    metrics = fit_run(tiny_args(tmp, cub_root, "--model.init_args.pretrained", str(weights)))
+    weights.unlink()
     return tmp, metrics
+
+
+def checkpoint_of(fitted) -> Path:
+    tmp, _ = fitted
+    return tmp / "demo" / "version_0" / "checkpoints" / "last.ckpt"
 
 
 def test_fit_tests_best_checkpoint_and_writes_metrics_json(fitted):
@@ -97,3 +119,95 @@ def test_checkpoint_of_another_model_is_refused(fitted, cub_root, tmp_path):
     ckpt = tmp / "demo" / "version_0" / "checkpoints" / "last.ckpt"
     with pytest.raises(ValueError, match=r"head: checkpoint 'mgff' vs this model 'linear'"):
         fit_run(tiny_args(tmp_path, cub_root, "--model.init_args.head", "linear", "--ckpt_path", str(ckpt)))
+
+
+def test_resume_and_test_without_the_initial_weights_file(fitted, cub_root, tmp_path):
+    tmp, _ = fitted
+    gone = str(tmp / "initial_weights.safetensors")
+    assert not Path(gone).exists()
+    metrics = fit_run(tiny_args(tmp_path, cub_root, "--model.init_args.pretrained", gone, "--ckpt_path", str(checkpoint_of(fitted)), "--trainer.max_epochs", "2"))
+    assert metrics["epochs"] == 2 and 0.0 <= metrics["test/acc"] <= 1.0
+    cli_main(["test", *data_args(tmp_path, cub_root, "--model.init_args.pretrained", gone, "--ckpt_path", str(checkpoint_of(fitted)), "--trainer.limit_test_batches", "1")])
+
+
+def test_nonfinite_loss_stops_the_run_without_checkpoint_or_metrics(cub_root, tmp_path, capsys):
+    with pytest.raises(NonFiniteLossError, match=r"non-finite training loss nan .* at global step \d+ \(epoch 0, .*loss terms: ce1=nan, ce2=nan"):
+        fit_run(tiny_args(tmp_path, cub_root, "--model.init_args.lr", "1e6", "--trainer.limit_train_batches", "6"))
+    assert not list(tmp_path.rglob("*.ckpt")) and not list(tmp_path.rglob("metrics.json"))
+    assert "no metrics.json written" in capsys.readouterr().out
+
+
+def test_unwritable_checkpoint_folder_fails_before_training(cub_root, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    with pytest.raises(ValueError, match=r"checkpoint.dirpath = '.*a_file/ckpts' cannot be used as an output folder: .*a_file is a file"):
+        fit_run(tiny_args(tmp_path, cub_root, "--checkpoint.dirpath", str(blocker / "ckpts")))
+    assert not (tmp_path / "demo").exists()  # nothing ran: no run folder, no epoch
+
+
+def test_stages_out_of_range_is_named_at_startup(cub_root, tmp_path):
+    with pytest.raises(ValueError, match=r"^model.init_args.stages = \[2, 3, 9\] does not fit backbone 'resnet10t': .*out of range") as err:
+        fit_run(tiny_args(tmp_path, cub_root, "--model.init_args.stages", "[2, 3, 9]"))
+    assert "Union" not in str(err.value)  # not buried in jsonargparse's union message
+
+
+def swapped_classes_copy(cub_root: Path, target: Path, name: str) -> Path:
+    """The same images and labels, with class ``name`` and another class listed in the other order."""
+    shutil.copytree(cub_root, target)
+    names = dict(line.split(" ", 1) for line in (target / "classes.txt").read_text().splitlines())
+    first = next(i for i, n in names.items() if n == name)
+    other = next(i for i in names if i != first)
+    swap = {first: other, other: first}
+    (target / "classes.txt").write_text("".join(f"{i} {names[swap.get(i, i)]}\n" for i in sorted(names, key=int)))
+    labels = [line.split() for line in (target / "image_class_labels.txt").read_text().splitlines()]
+    (target / "image_class_labels.txt").write_text("".join(f"{i} {swap.get(c, c)}\n" for i, c in labels))
+    return target
+
+
+def test_predict_on_data_with_classes_in_another_order_names_the_same_classes(fitted, cub_root, tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr(logging.getLogger("mgff"), "propagate", True)  # the CLI's setup_logging turns it off
+
+    def predict(root: Path, out: Path) -> dict[str, dict[str, str]]:
+        cli_main(["predict", *data_args(tmp_path, root, "--ckpt_path", str(checkpoint_of(fitted)), "--prediction_writer.output_dir", str(out))])
+        return {row["path"]: row for row in csv.DictReader(open(out / "predictions.csv"))}
+
+    original = predict(cub_root, tmp_path / "original")
+    most_predicted = max({r["pred_name"] for r in original.values()}, key=[r["pred_name"] for r in original.values()].count)
+    # the class the model predicts most moves in the data's order: its images must keep their predicted name
+    swapped = predict(swapped_classes_copy(cub_root, tmp_path / "swapped" / "CUB_200_2011", most_predicted), tmp_path / "swapped")
+    for path, row in original.items():
+        assert swapped[path]["pred_name"] == row["pred_name"] and swapped[path]["prob"] == row["prob"]
+        assert swapped[path]["label_name"] == row["label_name"]  # ground truth named as in the data
+    assert "another order than the data's" in caplog.text
+
+
+def photo(path: Path, size: tuple[int, int], seed: int) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def test_predict_folder_of_new_photos(fitted, tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr(logging.getLogger("mgff"), "propagate", True)
+    folder = tmp_path / "new photos"
+    photo(folder / "field" / "day 1" / "IMG_0001.JPG", (200, 100), 0)
+    photo(folder / "IMG_0002.png", (90, 120), 1)
+    (folder / "broken.jpg").write_bytes(b"not an image")
+    (folder / "notes.txt").write_text("not a photo: ignored")
+    out = predict_folder(ckpt_path=str(checkpoint_of(fitted)), images=str(folder), output=str(tmp_path / "out" / "predictions.csv"), top_k=3, num_workers=0)
+    rows = {row["path"]: row for row in csv.DictReader(open(out))}
+    assert set(rows) == {"field/day 1/IMG_0001.JPG", "IMG_0002.png", "broken.jpg"}
+    class_names = torch.load(checkpoint_of(fitted), weights_only=True)["hyper_parameters"]["class_names"]
+    row = rows["field/day 1/IMG_0001.JPG"]
+    assert {"top1_name", "top1_prob", "top3_name", "top3_prob", "error"} <= row.keys() and "top4_name" not in row
+    assert {row[f"top{k}_name"] for k in (1, 2, 3)} <= set(class_names)
+    probs = [float(row[f"top{k}_prob"]) for k in (1, 2, 3)]
+    assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1.0001 and row["error"] == ""
+    # the box in the photo's pixels: the input box (64 px centre crop of an 80 px square resize) mapped back
+    box = [float(row[f"box_{c}"]) for c in ("x1", "y1", "x2", "y2")]
+    photo_box = [float(row[f"photo_box_{c}"]) for c in ("x1", "y1", "x2", "y2")]
+    expected = [(box[0] + 8) * 200 / 80, (box[1] + 8) * 100 / 80, (box[2] + 8) * 200 / 80, (box[3] + 8) * 100 / 80]
+    assert photo_box == pytest.approx(expected, abs=0.11)
+    assert 0 <= photo_box[0] < photo_box[2] <= 200 and 0 <= photo_box[1] < photo_box[3] <= 100
+    assert rows["broken.jpg"]["top1_name"] == "" and "cannot decode image" in rows["broken.jpg"]["error"]
+    assert "1 of 3 images could not be decoded" in caplog.text

@@ -1,8 +1,9 @@
-"""Writes ``predict`` results to a CSV: image path, ground truth, predicted class name, probability."""
+"""Writes ``predict`` results to a CSV: image path, ground truth (if any), the top-k class names and probabilities, boxes."""
 
 from __future__ import annotations
 
 import csv
+import logging
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -10,9 +11,18 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
+log = logging.getLogger("mgff")
+
 
 class PredictionCSVWriter(BasePredictionWriter):
     """Collect ``predict_step`` outputs and write ``predictions.csv``.
+
+    Columns: ``index``, ``path``; ``label``/``label_name`` when the data has labels; ``pred``,
+    ``pred_name``, ``prob``; ``top1_name``, ``top1_prob`` ... ``top{k}_*`` (the ``top_k`` most probable
+    classes); ``box_x1..box_y2`` (the two-stage model's box in input pixels) and ``photo_box_x1..`` (the
+    same box in the photo's own pixels, where the data says how the input was cut from the photo);
+    ``error`` where the data reports files it could not decode (their rows have no prediction; a
+    warning counts them). Class names are the model's (``hparams.class_names``: the checkpoint's).
 
     Every rank writes its rows to a part file; after a barrier, rank 0 merges them in dataset order
     (dropping the duplicates a distributed sampler pads with) into ``<output_dir>/predictions.csv``.
@@ -20,12 +30,16 @@ class PredictionCSVWriter(BasePredictionWriter):
     Args:
         output_dir: folder of the CSV; default the trainer's log dir (the run directory).
         filename: CSV file name.
+        top_k: number of most probable classes listed per image (at most the number of classes).
     """
 
-    def __init__(self, output_dir: str | None = None, filename: str = "predictions.csv") -> None:
+    def __init__(self, output_dir: str | None = None, filename: str = "predictions.csv", top_k: int = 5) -> None:
         super().__init__(write_interval="batch")
+        if top_k < 1:
+            raise ValueError(f"prediction_writer.top_k must be at least 1, got {top_k}")
         self.output_dir = output_dir
         self.filename = filename
+        self.top_k = top_k
         self.path: Path | None = None
         self._rows: list[dict[str, Any]] = []
 
@@ -39,21 +53,28 @@ class PredictionCSVWriter(BasePredictionWriter):
         if not prediction:
             return
         names: Sequence[str] | None = getattr(pl_module.hparams, "class_names", None)
-        n = len(prediction["index"])
+        name = (lambda i: names[i]) if names else (lambda i: "")  # noqa: E731
         cols = {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in prediction.items()}
-        for i in range(n):
-            label, pred = int(cols["label"][i]), int(cols["pred"][i])
-            row = {
-                "index": int(cols["index"][i]),
-                "path": cols["path"][i],
-                "label": label,
-                "label_name": names[label] if names else "",
-                "pred": pred,
-                "pred_name": names[pred] if names else "",
-                "prob": f"{float(cols['prob'][i]):.6f}",
-            }
-            if "box" in cols:
-                row.update({k: f"{float(v):.1f}" for k, v in zip(("box_x1", "box_y1", "box_x2", "box_y2"), cols["box"][i])})
+        k = min(self.top_k, cols["probs"].shape[-1]) if "probs" in cols else 0
+        top_prob, top_index = cols["probs"].topk(k, dim=-1) if k else (None, None)
+        for i in range(len(cols["index"])):
+            error = cols["error"][i] if "error" in cols else ""
+            row: dict[str, Any] = {"index": int(cols["index"][i]), "path": cols["path"][i]}
+            if "label" in cols:
+                label = int(cols["label"][i])
+                row.update(label=label, label_name=name(label) if label >= 0 else "")
+            pred = int(cols["pred"][i])
+            row.update(pred=pred, pred_name=name(pred), prob=f"{float(cols['prob'][i]):.6f}")
+            for j in range(k):
+                row[f"top{j + 1}_name"] = name(int(top_index[i, j]))
+                row[f"top{j + 1}_prob"] = f"{float(top_prob[i, j]):.6f}"
+            for key, prefix in (("box", "box"), ("photo_box", "photo_box")):
+                if key in cols:
+                    row.update({f"{prefix}_{c}": f"{float(v):.1f}" for c, v in zip(("x1", "y1", "x2", "y2"), cols[key][i])})
+            if "error" in cols:
+                if error:  # no prediction for a file that could not be decoded
+                    row = {c: ("" if c not in ("index", "path") else v) for c, v in row.items()}
+                row["error"] = error
             self._rows.append(row)
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -72,11 +93,14 @@ class PredictionCSVWriter(BasePredictionWriter):
                 rank_part.unlink()
             self.path = out_dir / self.filename
             _write_csv(self.path, [rows[k] for k in sorted(rows)])
+            failed = sum(1 for row in rows.values() if row.get("error"))
+            if failed:
+                log.warning("%d of %d images could not be decoded: no prediction, see the error column of %s", failed, len(rows), self.path)
         trainer.strategy.barrier()
 
 
 def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    fields = list(rows[0]) if rows else ["index", "path", "label", "label_name", "pred", "pred_name", "prob"]
+    fields = list(rows[0]) if rows else ["index", "path", "pred", "pred_name", "prob"]
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()

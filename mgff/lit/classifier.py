@@ -6,8 +6,10 @@ What to compute lives here; where data comes from is the DataModule's business. 
 
 from __future__ import annotations
 
+import inspect
 import logging
-from typing import Any, Literal, Sequence
+from pathlib import Path
+from typing import IO, Any, Literal, Sequence
 
 import lightning as L
 import torch
@@ -16,12 +18,14 @@ from torch import Tensor, nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
+from mgff.lit.checkpoint import class_order_map, plain_hyperparameters, resolve_model_class
 from mgff.metrics.parent_accuracy import ParentAccuracy
 from mgff.lit.optim import build_optimizer, cosine_schedule, param_groups
 from mgff.models.backbone import TimmBackbone
 from mgff.models.fusion import MGFFHead
 from mgff.models.heads import HeadOutput, LinearHead
 from mgff.models.normalization import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, InputNormalization
+from mgff.models.pretrained import skip_pretrained_weights
 
 log = logging.getLogger("mgff")
 
@@ -135,7 +139,13 @@ class FineGrainedClassifier(L.LightningModule):
         if optimizer not in ("sgd", "adamw"):
             raise ValueError(f"model.optimizer must be 'sgd' or 'adamw', got {optimizer!r}")
         self.save_hyperparameters()
-        self.backbone = self.build_backbone()
+        try:
+            self.backbone = self.build_backbone()
+        except AssertionError as err:  # timm's feature_take_indices asserts on an index out of range
+            if "out of range" not in str(err):
+                raise
+            keys = "model.init_args.stages" + (" / model.init_args.stage_inputs" if self.hparams.get("stage_inputs") else "")
+            raise ValueError(f"{keys} = {list(stages)} does not fit backbone {backbone!r}: {err}") from err
         self.input_norm = InputNormalization(self.backbone, "model.backbone", data_mean, data_std, backbone_mean, backbone_std, pretrained)
         self.head = self.build_head(self.backbone.feature_channels, self.backbone.feature_reductions, num_classes)
         if class_parents is not None and len(class_parents) != num_classes:
@@ -145,6 +155,17 @@ class FineGrainedClassifier(L.LightningModule):
         self.metrics = nn.ModuleDict(
             {f"{split}_{name}": accuracy_metrics(num_classes, class_parents) for split in ("train", "val", "test") for name in self.output_names}
         )
+
+    def check_input_size(self, size: int, key: str) -> None:
+        """Refuse, naming the config ``key``, an input side ``size`` the backbone cannot take: Swin and ViT
+        are built for one ``img_size`` (timm's ``strict_img_size``) and would fail in an assertion mid-run."""
+        patch_embed = getattr(getattr(self.backbone, "model", None), "patch_embed", None)
+        fixed = getattr(patch_embed, "img_size", None) if getattr(patch_embed, "strict_img_size", False) else None
+        if fixed is not None and tuple(fixed) != (size, size):
+            raise ValueError(
+                f"{key} = {size} does not match the {fixed[0]}x{fixed[1]} input the backbone {self.hparams.backbone!r} is built for "
+                f"(model.init_args.img_size = {self.hparams.img_size}); set them equal"
+            )
 
     # ----- network ------------------------------------------------------------------------------
     def build_backbone(self) -> TimmBackbone:
@@ -219,6 +240,8 @@ class FineGrainedClassifier(L.LightningModule):
         labels = batch["label"]
         logits, aux_loss, extras = self.forward_outputs(batch["image"], batch)
         terms = self.loss_terms(logits, aux_loss, labels)
+        if split == "train":  # named by StopOnNonFiniteLoss when the loss is not finite
+            self.last_loss_terms = {name: value.detach() for name, value in terms.items()}
         loss = torch.stack(list(terms.values())).sum()
         batch_size = labels.shape[0]
         on_step = split == "train"
@@ -247,13 +270,20 @@ class FineGrainedClassifier(L.LightningModule):
         self._shared_step(batch, "test")
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
-        """Per image: ``index``, ``path``, ``label`` (ground truth), ``pred`` and its ``prob``; plus extras."""
+        """Per image: ``index``, ``path``, ``pred`` and its ``prob``, ``probs`` ``(B, C)`` over the classes (in the
+        order of ``hparams.class_names``); ``label`` (ground truth) and ``error`` (a file that could not be
+        decoded) when the batch has them; plus extras (the two-stage model's ``box`` ``(B, 4)`` in input pixels,
+        and ``photo_box`` in the photo's own pixels when the batch says how the input was cut from it)."""
         if not batch:
             return {}
         logits, _, extras = self.forward_outputs(batch["image"], batch)
         probs = logits["main"].float().softmax(dim=-1)
         prob, pred = probs.max(dim=-1)
-        return {"index": batch["index"], "path": batch["path"], "label": batch["label"], "pred": pred, "prob": prob, **extras}
+        out = {"index": batch["index"], "path": batch["path"], "pred": pred, "prob": prob, "probs": probs, **extras}
+        out.update({k: batch[k] for k in ("label", "error") if k in batch})
+        if "box" in extras and "input_to_photo" in batch:
+            out["photo_box"] = input_box_to_photo(extras["box"], batch["input_to_photo"])
+        return out
 
     # ----- optimisation -------------------------------------------------------------------------
     def optimizer_modules(self) -> list[tuple[nn.Module, float]]:
@@ -271,10 +301,109 @@ class FineGrainedClassifier(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
 
     # ----- checkpoints --------------------------------------------------------------------------
+    @classmethod
+    def load_from_checkpoint(
+        cls,
+        checkpoint_path: str | Path | IO,
+        map_location: Any = "cpu",
+        hparams_file: str | Path | None = None,
+        strict: bool | None = None,
+        weights_only: bool | None = None,
+        **kwargs: Any,
+    ):
+        """The model a checkpoint holds, safe for a checkpoint from anywhere and independent of the files
+        it was first built from.
+
+        Unlike Lightning's: the hyperparameters must be plain values (:func:`~mgff.lit.checkpoint.plain_hyperparameters`)
+        and the model is built by calling ``cls`` on them -- never through jsonargparse or an ``_instantiator``
+        the checkpoint names, so no object the checkpoint names is built; and the initial ``pretrained`` /
+        ``cropper_pretrained`` weights are not loaded (the checkpoint's weights replace them), so a moved
+        weights file or an offline node does not matter. ``kwargs`` override hyperparameters, as in Lightning.
+        """
+        from lightning.fabric.utilities.cloud_io import _load as pl_load
+        from lightning.pytorch.core.saving import load_hparams_from_yaml
+
+        source = str(checkpoint_path) if isinstance(checkpoint_path, (str, Path)) else "checkpoint"
+        checkpoint = pl_load(checkpoint_path, map_location=map_location, weights_only=True if weights_only is None else weights_only)
+        if hparams_file is not None:
+            checkpoint["hyper_parameters"] = load_hparams_from_yaml(hparams_file, use_omegaconf=False)
+        hparams = plain_hyperparameters(checkpoint.get("hyper_parameters", {}), source)
+        class_path = hparams.pop("_class_path", None)
+        if class_path is not None:
+            resolve_model_class(class_path, FineGrainedClassifier, source)
+        hparams.update(kwargs)
+        accepted = _init_parameters(cls)
+        with skip_pretrained_weights():
+            model = cls(**{k: v for k, v in hparams.items() if k in accepted})
+        model.on_load_checkpoint(checkpoint)
+        model.load_state_dict(checkpoint["state_dict"], strict=True if strict is None else strict)
+        return model
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Refuse a checkpoint of another architecture or class count with an error naming both."""
-        saved = checkpoint.get("hyper_parameters", {})
+        """Refuse a checkpoint of another architecture or class count with an error naming both, or one
+        trained on other classes (listing them); adopt its class order when only the order differs."""
+        saved = plain_hyperparameters(checkpoint.get("hyper_parameters", {}), "checkpoint")
+        saved_names, current_names = saved.get("class_names"), self.hparams.get("class_names")
+        if saved_names is not None and current_names is not None:
+            data_names = self._data_class_names or list(current_names)
+            class_order_map(saved_names, data_names, "checkpoint")  # raises on another set of classes
         check_compatible_hparams(type(self).__name__, dict(self.hparams), saved)
+        if saved_names is not None and current_names is not None and list(saved_names) != list(current_names):
+            self.hparams.class_names = list(saved_names)
+            if self.hparams.get("class_parents") is not None and saved.get("class_parents") is not None:
+                self.hparams.class_parents = list(saved["class_parents"])
+            self._match_data_classes(data_names)
+
+    # ----- class order --------------------------------------------------------------------------
+    _data_class_names: list[str] | None = None
+    _label_map: Tensor | None = None
+
+    def setup(self, stage: str) -> None:
+        """Compare the DataModule's class names with the model's (see :meth:`_match_data_classes`)."""
+        names = getattr(getattr(self.trainer, "datamodule", None), "class_names", None)
+        if names is not None and self.hparams.get("class_names") is not None:
+            self._match_data_classes(list(names))
+
+    def _match_data_classes(self, data_names: list[str]) -> None:
+        """Map the data's labels to the model's outputs: same names in another order are remapped (and
+        said so), another set of names is refused with the differences listed."""
+        self._data_class_names = list(data_names)
+        model_names = list(self.hparams.class_names)
+        mapping = class_order_map(model_names, data_names, "checkpoint")
+        if mapping is None:
+            self._label_map = None
+            return
+        self._label_map = torch.as_tensor(mapping, dtype=torch.long)
+        moved = [f"{name!r}: data {i} -> model {j}" for i, (name, j) in enumerate(zip(data_names, mapping)) if i != j]
+        log.warning(
+            "the model's classes come in another order than the data's: the data's labels are remapped to the model's "
+            "(%d of %d classes move: %s%s); names in predictions are the model's",
+            len(moved), len(mapping), ", ".join(moved[:5]), ", ..." if len(moved) > 5 else "",
+        )
+        parents = self.hparams.get("class_parents")
+        if parents is not None:
+            for metrics in self.metrics.values():
+                if "parent_acc" in metrics:
+                    metrics["parent_acc"].parent_of.copy_(torch.as_tensor(list(parents), dtype=torch.long))
+
+    def _remap_labels(self, batch: Any) -> None:
+        """Labels in the model's class order (when the data lists the same classes in another order), in place."""
+        if self._label_map is not None and isinstance(batch, dict) and "label" in batch:
+            labels = batch["label"]
+            mapping = self._label_map.to(labels.device)
+            batch["label"] = torch.where(labels >= 0, mapping[labels.clamp_min(0)], labels)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._remap_labels(batch)
+
+    def on_validation_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._remap_labels(batch)
+
+    def on_test_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._remap_labels(batch)
+
+    def on_predict_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._remap_labels(batch)
 
 
 def accuracy_metrics(num_classes: int, class_parents: Sequence[int] | None = None) -> MetricCollection:
@@ -301,6 +430,27 @@ def check_compatible_hparams(model_name: str, current: dict[str, Any], saved: di
             diffs.append(f"{key}: checkpoint {saved[key]!r} vs this model {current[key]!r}")
     if diffs:
         raise ValueError(f"checkpoint does not fit this {model_name}: " + "; ".join(diffs))
+
+
+def input_box_to_photo(boxes: Tensor, input_to_photo: Tensor) -> Tensor:
+    """Boxes ``(B, 4)`` ``(x1, y1, x2, y2)`` in input pixels -> the photo's pixels, by the per-image affine map
+    ``input_to_photo (B, 4)`` = ``(scale_x, scale_y, offset_x, offset_y)``: ``photo = input * scale + offset``."""
+    m = input_to_photo.to(boxes.device, torch.float32)
+    scale, offset = m[:, [0, 1, 0, 1]], m[:, [2, 3, 2, 3]]
+    return boxes.float() * scale + offset
+
+
+def _init_parameters(cls: type) -> set[str]:
+    """Names ``cls(...)`` accepts, following ``**kwargs`` up to the parent classes that take them."""
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass) or klass is L.LightningModule:
+            continue
+        params = inspect.signature(klass.__init__).parameters.values()
+        names |= {p.name for p in params if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and p.name != "self"}
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            break
+    return names
 
 
 def _normalise(value):

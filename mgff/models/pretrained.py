@@ -5,22 +5,46 @@ project builds can take its weights from a file on disk instead. The file is loa
 loads hub weights: the architecture's own ``checkpoint_filter_fn`` adapts it (official key names,
 resized position embeddings and relative position tables for another input or window size), a
 classifier of another size is dropped, and everything that does not load is logged by name.
+
+A model rebuilt to receive a checkpoint's weights needs no initial weights: inside
+:func:`skip_pretrained_weights` every ``pretrained`` argument is ignored, so loading, resuming, testing
+and predicting from a checkpoint neither read a local weights file (it may be gone) nor contact the
+hub (compute nodes are often offline).
 """
 
 from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 
 import timm
 import torch
 from torch import nn
 
-__all__ = ["create_timm_model", "load_pretrained_file"]
+__all__ = ["create_timm_model", "load_pretrained_file", "pretrained_weights_skipped", "skip_pretrained_weights"]
 
 logger = logging.getLogger(__name__)
+
+_SKIP_PRETRAINED: ContextVar[bool] = ContextVar("mgff_skip_pretrained", default=False)
+
+
+@contextmanager
+def skip_pretrained_weights() -> Iterator[None]:
+    """Build models without their initial weights (a checkpoint's weights will replace them)."""
+    token = _SKIP_PRETRAINED.set(True)
+    try:
+        yield
+    finally:
+        _SKIP_PRETRAINED.reset(token)
+
+
+def pretrained_weights_skipped() -> bool:
+    """Whether models are being built inside :func:`skip_pretrained_weights`."""
+    return _SKIP_PRETRAINED.get()
 
 # Keys that wrap the tensors in common checkpoint formats (Lightning, DeiT/Swin releases, DDP saves).
 _CONTAINER_KEYS = ("state_dict", "model", "module")
@@ -159,8 +183,12 @@ def load_pretrained_file(model: nn.Module, path: str | Path) -> None:
 def create_timm_model(name: str, pretrained: bool | str | Path | None = False, **kwargs) -> nn.Module:
     """Build a timm model with weights from the hub (``pretrained=True``) or a local file (a path).
 
-    Extra keyword arguments go to ``timm.create_model`` (``num_classes``, ``img_size``, ...).
+    Extra keyword arguments go to ``timm.create_model`` (``num_classes``, ``img_size``, ...). Inside
+    :func:`skip_pretrained_weights` the model is built without weights, whatever ``pretrained`` says.
     """
+    if pretrained_weights_skipped():
+        kwargs.pop("pretrained_cfg_overlay", None)  # may name a weights file that is gone
+        return timm.create_model(name, pretrained=False, **kwargs)
     if pretrained is None or isinstance(pretrained, bool):
         return timm.create_model(name, pretrained=bool(pretrained), **kwargs)
     model = timm.create_model(name, pretrained=False, **kwargs)

@@ -1,0 +1,117 @@
+"""``python -m mgff.predict_folder --ckpt_path best.ckpt --images photos/``: predictions for new photos.
+
+One command from a checkpoint and a folder of photos (any layout, nested folders, no labels, no dataset
+metadata) to ``predictions.csv``: one row per image file with its ``path``, the ``top_k`` most probable
+class names with their probabilities (``top1_name``, ``top1_prob``, ...), for the two-stage model the
+box it found in the photo's own pixels (``photo_box_x1`` ... ``photo_box_y2``), and an ``error`` column
+for files that could not be decoded (their rows have no prediction; a warning counts them).
+
+Class names and the model come from the checkpoint (loaded safely, without the initial pretrained
+weights: :meth:`~mgff.lit.FineGrainedClassifier.load_from_checkpoint`); the evaluation transform
+(resize, centre crop, normalisation) from the record the CLI puts in every checkpoint
+(:class:`~mgff.callbacks.eval_transform.EvalTransformInCheckpoint`), or from ``--resize_size`` /
+``--crop_size`` for a checkpoint without one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import lightning as L
+import torch
+from jsonargparse import auto_cli
+
+import mgff.models.zoo  # noqa: F401  (registers the zoo's models with timm)
+from data_modules.unlabeled_folder import UnlabeledFolderDataModule
+from mgff.callbacks.eval_transform import EVAL_TRANSFORM_KEY
+from mgff.callbacks.prediction_writer import PredictionCSVWriter
+from mgff.cli import setup_logging
+from mgff.lit import FineGrainedClassifier, TwoStageClassifier
+from mgff.lit.checkpoint import plain_hyperparameters, resolve_model_class
+
+__all__ = ["predict_folder"]
+
+
+def predict_folder(
+    *,
+    ckpt_path: str,
+    images: str,
+    output: str = "predictions.csv",
+    top_k: int = 5,
+    batch_size: int = 32,
+    num_workers: int = 4,
+    resize_size: Optional[int] = None,
+    crop_size: Optional[int] = None,
+    accelerator: str = "auto",
+    devices: int = 1,
+    precision: str = "32-true",
+) -> Path:
+    """Predict every image under ``images`` with the model in ``ckpt_path``; write the CSV ``output``.
+
+    Args:
+        ckpt_path: a checkpoint written by ``mgff`` training (``best-*.ckpt``, ``last.ckpt``).
+        images: folder of photos, searched recursively.
+        output: the CSV to write.
+        top_k: how many of the most probable classes to list per image.
+        batch_size: images per batch.
+        num_workers: loader worker processes.
+        resize_size: square resize before the centre crop (default: the checkpoint's record).
+        crop_size: centre crop, the model's input side (default: the checkpoint's record).
+        accelerator: ``auto``, ``cpu``, ``gpu``...
+        devices: devices to predict on.
+        precision: Lightning precision, e.g. ``bf16-mixed`` on a recent GPU.
+
+    Returns:
+        the path of the written CSV.
+    """
+    setup_logging()
+    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    hparams = plain_hyperparameters(checkpoint.get("hyper_parameters", {}), ckpt_path)
+    if "_class_path" in hparams:
+        model_class = resolve_model_class(hparams["_class_path"], FineGrainedClassifier, ckpt_path)
+    else:  # saved outside the CLI: the two-stage model is the one with a cropper
+        model_class = TwoStageClassifier if "cropper" in hparams else FineGrainedClassifier
+    model = model_class.load_from_checkpoint(ckpt_path, map_location="cpu")
+
+    record = checkpoint.get(EVAL_TRANSFORM_KEY, {})
+    resize_size = resize_size or record.get("resize_size")
+    crop_size = crop_size or record.get("crop_size")
+    if resize_size is None or crop_size is None:
+        raise ValueError(
+            f"{ckpt_path} does not record its evaluation transform (saved before mgff recorded it): "
+            "pass --resize_size and --crop_size as in the training run's data config"
+        )
+    datamodule = UnlabeledFolderDataModule(
+        images,
+        resize_size=resize_size,
+        crop_size=crop_size,
+        mean=record.get("mean", hparams.get("data_mean")) or (0.485, 0.456, 0.406),
+        std=record.get("std", hparams.get("data_std")) or (0.229, 0.224, 0.225),
+        source_size=record.get("source_size") if hparams.get("crop_from") == "source" else None,
+        batch_size=batch_size,
+        num_workers=num_workers,
+    )
+    output_path = Path(output)
+    writer = PredictionCSVWriter(output_dir=str(output_path.parent), filename=output_path.name, top_k=top_k)
+    trainer = L.Trainer(
+        accelerator=accelerator,
+        devices=devices,
+        precision=precision,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        callbacks=[writer],
+    )
+    trainer.predict(model, datamodule=datamodule, return_predictions=False)
+    if trainer.is_global_zero:
+        print(f"mgff: predictions for {len(datamodule.dataset)} images written to {writer.path}")
+    return output_path
+
+
+def main(args: list[str] | None = None) -> None:
+    auto_cli(predict_folder, args=args)
+
+
+if __name__ == "__main__":
+    main()

@@ -255,9 +255,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--compare", action="append", default=[], help="a,b: paired bootstrap CI of acc(b) - acc(a); repeatable")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="runs/real_photos by default")
     parser.add_argument("--epochs", type=int, default=EPOCHS)
-    parser.add_argument("--workers", type=int, default=1, help="loader worker processes")
-    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    parser.add_argument("--workers", type=int, default=0, help="loader worker processes (0: decode the small cached JPEGs in the main process, saving a worker's memory)")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (on shared cores two threads spin against each other)")
     parser.add_argument("--report-only", action="store_true", help="only rebuild the table from finished runs")
+    parser.add_argument("--skip-done", action="store_true", help="reuse the result of runs that already have a result.json")
     args = parser.parse_args(argv)
     names = parse_names(args.runs, DEFAULT_RUNS)
     comparisons = [tuple(parse_names(c, ())) for c in args.compare]
@@ -271,7 +272,7 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     results = []
     for name in names:
-        if args.report_only:
+        if args.report_only or (args.skip_done and (args.out / name / "result.json").is_file()):
             results.append(json.loads((args.out / name / "result.json").read_text()))
             continue
         result = train_and_test(name, RUNS[name], args.out, args.workers, args.epochs)

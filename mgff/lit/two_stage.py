@@ -1,5 +1,9 @@
-"""Two-stage classifier: stage 1 on the image, a ViT attention cropper finds the object, stage 2 on
-the enlarged crop, the two predictions merged (the paper's ViT-based two-stage classification)."""
+"""Two-stage classifier: stage 1 on the image, a localiser finds the object, stage 2 on the enlarged
+crop, the two predictions merged (the paper's ViT-based two-stage classification).
+
+The localiser (``localization``) is the paper's ViT attention cropper (``rollout``, ``column_sum``), the
+stage-1 network's own maps (``features``: no second network), or the ground-truth box (``ground_truth``,
+an oracle); all send a response map through the same map -> box -> crop code (``mgff.models.cropper``)."""
 
 from __future__ import annotations
 
@@ -14,13 +18,19 @@ from mgff.lit.classifier import FineGrainedClassifier
 from mgff.metrics.box_iou import BoxIoU
 from mgff.models.cropper.attention_cropper import AttentionCropper
 from mgff.models.cropper.crops import CropOutput, crop_and_resize
+from mgff.models.cropper.feature_localizer import FeatureLocalizer
+from mgff.models.cropper.ground_truth import ground_truth_localization
+from mgff.models.heads import HeadOutput
 from mgff.models.normalization import InputNormalization
 
 log = logging.getLogger("mgff")
 
+VIT_LOCALIZATIONS = ("rollout", "column_sum")
+LOCALIZATIONS = VIT_LOCALIZATIONS + ("features", "ground_truth")
+
 
 class TwoStageClassifier(FineGrainedClassifier):
-    """Stage 1 + attention cropper + stage 2, merged.
+    """Stage 1 + localiser + stage 2, merged.
 
     Loss: stage-1 CE + ``stage2_loss_weight`` x stage-2 CE (+ the fusion heads' auxiliary losses,
     + the cropper's own CE when it is trainable). Metrics are logged for ``stage1``, ``stage2`` and the
@@ -28,7 +38,7 @@ class TwoStageClassifier(FineGrainedClassifier):
     ground-truth boxes, the cropper's boxes are scored against them (``val/box_miou``, ``val/box_hit50``).
 
     Args:
-        cropper: timm ViT name of the localiser (paper: ViT-B/16).
+        cropper: timm ViT name of the ViT localiser (paper: ViT-B/16); only for ``rollout``/``column_sum``.
         cropper_pretrained: ``True`` (hub), a local weights path, or ``False``.
         cropper_kwargs: further timm arguments of the ViT (e.g. a tiny ``embed_dim``/``depth`` for tests).
         cropper_mean / cropper_std: the input normalisation the ViT's weights expect (``None``: its timm
@@ -36,11 +46,21 @@ class TwoStageClassifier(FineGrainedClassifier):
         crop_from: ``view``: stage 2's crop is cut from stage 1's input; ``source``: from ``batch["source"]``,
             the same view at ``data.source_size`` (uint8), the box scaled to that frame (the paper cuts "from
             the original image").
-        localize_size: side the ViT sees (default its native size); the crop is cut from the full input.
+        localize_size: side the localiser sees: for the ViT, default its native size; for ``features``,
+            ``None`` reads the maps of stage 1's own forward (free), a side re-runs the stage-1 backbone
+            on the image resized to it for a finer map (cost ``(side / input side)^2`` of one stage).
+            Boxes are always in the input's pixels; the crop is cut from the full input (or the source).
         crop_size: side of the stage-2 input (default ``img_size``, else 384).
-        localization: ``rollout`` (attention rollout) or ``column_sum`` (the paper's per-token sums).
+        localization: ``rollout`` (ViT attention rollout), ``column_sum`` (the paper's per-token sums over
+            the ViT's attention), ``features`` (a response map of the stage-1 network itself,
+            :mod:`mgff.models.cropper.feature_localizer`), or ``ground_truth`` (the batch's box; an oracle that
+            needs boxes in every batch).
+        feature_response: the ``features`` response map: ``energy`` (channel sum of the last map, AOLM-like),
+            ``cam`` (class activation map of the linear head) or ``attention`` (attention the MGFF head's
+            positions receive).
         head_fusion: how attention heads are fused: ``mean``, ``max`` or ``min``.
         discard_ratio: share of the weakest attention dropped in rollout.
+        layer_fusion: how ``column_sum`` combines the ViT's layers: ``product`` or ``mean``.
         box_threshold: ``mean`` or a quantile in (0, 1) of the response map.
         box_mode: ``largest`` connected region or ``all`` pixels above the threshold.
         box_padding: padding added around the box, as a fraction of its size.
@@ -63,9 +83,11 @@ class TwoStageClassifier(FineGrainedClassifier):
         crop_from: Literal["view", "source"] = "view",
         localize_size: int | None = None,
         crop_size: int | None = None,
-        localization: Literal["rollout", "column_sum"] = "rollout",
+        localization: Literal["rollout", "column_sum", "features", "ground_truth"] = "rollout",
+        feature_response: Literal["energy", "cam", "attention"] = "energy",
         head_fusion: Literal["mean", "max", "min"] = "mean",
         discard_ratio: float = 0.0,
+        layer_fusion: Literal["product", "mean"] = "product",
         box_threshold: str | float = "mean",
         box_mode: Literal["largest", "all"] = "largest",
         box_padding: float = 0.05,
@@ -79,29 +101,43 @@ class TwoStageClassifier(FineGrainedClassifier):
     ) -> None:
         if merge not in ("mean_prob", "sum_logits"):
             raise ValueError(f"model.merge must be 'mean_prob' or 'sum_logits', got {merge!r}")
+        if localization not in LOCALIZATIONS:
+            raise ValueError(f"model.localization must be one of {LOCALIZATIONS}, got {localization!r}")
+        if cropper_trainable and localization not in VIT_LOCALIZATIONS:
+            raise ValueError(f"model.cropper_trainable trains the ViT localiser; localization={localization!r} has none")
         if crop_from not in ("view", "source"):
             raise ValueError(f"model.crop_from must be 'view' or 'source', got {crop_from!r}")
         super().__init__(**kwargs)
         hp = self.hparams
-        self.cropper = AttentionCropper(
-            cropper,
-            pretrained=cropper_pretrained,
-            num_classes=hp.num_classes if cropper_trainable else 0,
-            localize_size=localize_size,
-            out_size=crop_size or hp.img_size or 384,
-            method=localization,
-            head_fusion=head_fusion,
-            discard_ratio=discard_ratio,
-            threshold=box_threshold,
-            box_mode=box_mode,
-            padding=box_padding,
-            min_size=min_box_size,
-            freeze=not cropper_trainable,
-            **(cropper_kwargs or {}),
-        )
-        self.cropper_norm = InputNormalization(
-            self.cropper.vit, "model.cropper", hp.data_mean, hp.data_std, cropper_mean, cropper_std, cropper_pretrained
-        )
+        self.check_input_size(crop_size or hp.img_size or 384, "model.init_args.crop_size")  # stage 2 runs the backbone on the crops
+        # one localiser: the ViT cropper (a second network), or none stored (features, ground truth)
+        self.cropper, self.cropper_norm, self.feature_localizer = None, None, None
+        if localization in VIT_LOCALIZATIONS:
+            self.cropper = AttentionCropper(
+                cropper,
+                pretrained=cropper_pretrained,
+                num_classes=hp.num_classes if cropper_trainable else 0,
+                localize_size=localize_size,
+                out_size=crop_size or hp.img_size or 384,
+                method=localization,
+                head_fusion=head_fusion,
+                discard_ratio=discard_ratio,
+                layer_fusion=layer_fusion,
+                threshold=box_threshold,
+                box_mode=box_mode,
+                padding=box_padding,
+                min_size=min_box_size,
+                freeze=not cropper_trainable,
+                **(cropper_kwargs or {}),
+            )
+            self.cropper_norm = InputNormalization(
+                self.cropper.vit, "model.cropper", hp.data_mean, hp.data_std, cropper_mean, cropper_std, cropper_pretrained
+            )
+        elif localization == "features":
+            if localize_size is not None:
+                self.check_input_size(localize_size, "model.init_args.localize_size")  # the backbone runs at that side
+            self.feature_localizer = FeatureLocalizer(feature_response, box_threshold, box_mode, box_padding, min_box_size)
+        self._compiled_stage1 = None
         self.crop_size = crop_size or hp.img_size or 384
         self._warned_unused_source = False
         if shared_classifier:
@@ -146,15 +182,88 @@ class TwoStageClassifier(FineGrainedClassifier):
         crops = crop_and_resize(source.float(), source_boxes, self.crop_size) / 255.0
         return self.input_norm.data_from_unit(crops).to(images.dtype)
 
-    def localize(self, images: Tensor, source: Tensor | None = None) -> CropOutput:
-        """The cropper alone: ``images (B, 3, H, W)`` (data normalisation) -> crops (data normalisation,
-        from ``source`` when ``crop_from='source'``), boxes in ``images`` pixels, response maps (and logits)."""
-        found = self.cropper(self.cropper_norm(images))
+    def stage1_with_maps(self, images: Tensor) -> tuple[HeadOutput, list[Tensor]]:
+        """Stage 1 that also returns the backbone's maps ``[(B, C_i, h_i, w_i), ...]`` (what ``features`` reads);
+        ``images (B, 3, H, W)`` in the data's normalisation. The same computation as ``self(images)``."""
+        if self.hparams.compile:
+            if self._compiled_stage1 is None:
+                self._compiled_stage1 = torch.compile(self._stage1_with_maps)
+            return self._compiled_stage1(images)
+        return self._stage1_with_maps(images)
+
+    def _stage1_with_maps(self, images: Tensor) -> tuple[HeadOutput, list[Tensor]]:
+        images = self.input_norm(images)
+        if self.hparams.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        maps = self.backbone(images)
+        return self.head(maps), maps
+
+    def localize(
+        self,
+        images: Tensor,
+        source: Tensor | None = None,
+        boxes: Tensor | None = None,
+        stage1: tuple[HeadOutput, list[Tensor]] | None = None,
+    ) -> CropOutput:
+        """The localiser alone: ``images (B, 3, H, W)`` (data normalisation) -> crops (data normalisation,
+        from ``source`` when ``crop_from='source'``), boxes in ``images`` pixels, response maps ``(B, H, W)``
+        (and the trainable ViT's logits).
+
+        Args:
+            images: stage 1's view.
+            source: ``batch["source"]`` (see :meth:`cut_crops`).
+            boxes: ``batch["box"]``, read by ``ground_truth`` only.
+            stage1: ``(output, maps)`` of :meth:`stage1_with_maps` on ``images`` when already computed
+                (``features`` reads them instead of running stage 1 again).
+        """
+        size = tuple(images.shape[-2:])
+        if self.cropper is not None:
+            found = self.cropper(self.cropper_norm(images))
+        elif self.feature_localizer is not None:
+            found = self.localize_from_features(images, stage1, source)
+        else:
+            response, gt_boxes = ground_truth_localization(boxes, size)
+            found = CropOutput(None, gt_boxes, response, None)
         return found._replace(crops=self.cut_crops(images, found.boxes, source))
 
+    def localize_from_features(
+        self,
+        images: Tensor,
+        stage1: tuple[HeadOutput, list[Tensor]] | None = None,
+        source: Tensor | None = None,
+    ) -> CropOutput:
+        """``features``: the response map and box from the stage-1 network's maps (``crops`` left ``None``).
+
+        With ``localize_size`` the stage-1 backbone runs once more, without gradients, on the view resized so
+        that its longer side is ``localize_size`` (a finer map: 14x14 instead of 7x7 for a stride-32 CNN at
+        448 vs 224 px); the view is read from ``source`` (the same view at a higher resolution, uint8) where
+        the batch has one, else from ``images``. Without ``localize_size`` stage 1's own maps are read (free)."""
+        size = tuple(images.shape[-2:])
+        side = self.hparams.localize_size
+        if side is not None and (side != max(size) or source is not None):
+            view = images
+            if source is not None:
+                view = self.input_norm.data_from_unit(source.float() / 255.0).to(images.dtype)
+            scale = side / max(view.shape[-2:])
+            target = (round(view.shape[-2] * scale), round(view.shape[-1] * scale))
+            resized = view if target == tuple(view.shape[-2:]) else F.interpolate(
+                view, size=target, mode="bilinear", align_corners=False, antialias=scale < 1)
+            with torch.no_grad():
+                stage1 = self.stage1_with_maps(resized)
+        elif stage1 is None:
+            stage1 = self.stage1_with_maps(images)
+        output, maps = stage1
+        response, boxes = self.feature_localizer(maps, size, self.head, output.logits)
+        return CropOutput(None, boxes, response, None)
+
     def forward_outputs(self, images: Tensor, batch: dict[str, Any] | None = None) -> tuple[dict[str, Tensor], Tensor, dict[str, Tensor]]:
-        crop = self.localize(images, (batch or {}).get("source"))
-        stage1 = self(images)
+        batch = batch or {}
+        if self.feature_localizer is not None:
+            stage1_pair = self.stage1_with_maps(images)
+            stage1 = stage1_pair[0]
+        else:
+            stage1_pair, stage1 = None, self(images)
+        crop = self.localize(images, batch.get("source"), batch.get("box"), stage1=stage1_pair)
         stage2 = self.classify_crops(crop.crops)
         if self.hparams.merge == "mean_prob":
             probs = (stage1.logits.float().softmax(-1) + stage2.logits.float().softmax(-1)) / 2

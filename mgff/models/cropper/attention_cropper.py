@@ -8,7 +8,9 @@ from torch import Tensor
 from mgff.models.cropper.boxes import BOX_MODES, boxes_from_response_map
 from mgff.models.cropper.choices import check_choice
 from mgff.models.cropper.crops import CropOutput, crop_and_resize
-from mgff.models.cropper.importance import HEAD_FUSIONS, IMPORTANCE_METHODS, attention_rollout, column_sum_importance
+from mgff.models.cropper.importance import (
+    HEAD_FUSIONS, IMPORTANCE_METHODS, LAYER_FUSIONS, attention_rollout, column_sum_importance,
+)
 from mgff.models.cropper.response import response_map
 from mgff.models.cropper.vit_attention import check_supported_vit, forward_with_attention, token_grid
 from mgff.models.pretrained import create_timm_model
@@ -40,6 +42,8 @@ class AttentionCropper(nn.Module):
             :func:`column_sum_importance`).
         head_fusion: ``'mean' | 'max' | 'min'``.
         discard_ratio: ``[0, 1)``, rollout only.
+        layer_fusion: ``'product' | 'mean'``, how ``column_sum`` combines the layers (see
+            :func:`column_sum_importance`); rollout always multiplies.
         threshold, box_mode, padding, min_size: see :func:`boxes_from_response_map`.
         freeze: Keep the ViT frozen (needs no head); ``False`` requires ``num_classes > 0``.
         **vit_kwargs: Passed to timm (``embed_dim``, ``depth``, ``num_heads``, ``img_size``...).
@@ -55,6 +59,7 @@ class AttentionCropper(nn.Module):
             method: str = 'rollout',
             head_fusion: str = 'mean',
             discard_ratio: float = 0.0,
+            layer_fusion: str = 'product',
             threshold: str | float = 'mean',
             box_mode: str = 'largest',
             padding: float = 0.05,
@@ -66,6 +71,7 @@ class AttentionCropper(nn.Module):
         check_choice('method', method, IMPORTANCE_METHODS)
         check_choice('head_fusion', head_fusion, HEAD_FUSIONS)
         check_choice('box_mode', box_mode, BOX_MODES)
+        check_choice('layer_fusion', layer_fusion, LAYER_FUSIONS)
         if not 0.0 <= discard_ratio < 1.0:
             raise ValueError(f'discard_ratio must lie in [0, 1), got {discard_ratio}')
         if not (threshold == 'mean' or (isinstance(threshold, float) and 0.0 < threshold < 1.0)):
@@ -106,6 +112,7 @@ class AttentionCropper(nn.Module):
         self.method = method
         self.head_fusion = head_fusion
         self.discard_ratio = discard_ratio
+        self.layer_fusion = layer_fusion
         self.threshold = threshold
         self.box_mode = box_mode
         self.padding = padding
@@ -128,7 +135,7 @@ class AttentionCropper(nn.Module):
         if self.method == 'rollout':
             return attention_rollout(attention, self.head_fusion, self.discard_ratio, prefix,
                                      class_token=self.vit.cls_token is not None)
-        return column_sum_importance(attention, prefix, self.head_fusion)
+        return column_sum_importance(attention, prefix, self.head_fusion, self.layer_fusion)
 
     def forward(self, images: Tensor) -> CropOutput:
         """``(B, 3, H, W)`` images (normalised as the ViT expects) -> :class:`CropOutput`."""
@@ -156,5 +163,5 @@ class AttentionCropper(nn.Module):
 
     def extra_repr(self) -> str:
         return (f'localize_size={self.localize_size}, out_size={self.out_size}, method={self.method!r}, '
-                f'head_fusion={self.head_fusion!r}, threshold={self.threshold!r}, '
+                f'head_fusion={self.head_fusion!r}, layer_fusion={self.layer_fusion!r}, threshold={self.threshold!r}, '
                 f'box_mode={self.box_mode!r}, freeze={self.freeze}')

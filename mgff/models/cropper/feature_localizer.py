@@ -1,0 +1,164 @@
+"""The ``features`` localiser: find the object in the stage-1 network's own maps (beyond the paper).
+
+The MGFF paper finds the object with a second network:
+"使用Vision-Transformer作为辅助模型,以非常小的成本定位图像中物体的位置" ("a Vision Transformer is
+used as an auxiliary model to locate the object in the image at a very small cost"). With ViT-B that
+is 2.37x the FLOPs of one stage and 86 M frozen parameters in every checkpoint. Departure from the
+paper: no auxiliary model. This localiser reads a response map out of the maps the stage-1
+classifier has already computed and sends it through the same map -> box -> crop code
+(:func:`~mgff.models.cropper.boxes.boxes_from_response_map`). With it the two-stage model costs
+about 2x one stage and stores no second network. Three response maps, each one function:
+
+``energy``     :func:`activation_energy`: the channel sum of the last map, as MMAL-Net's AOLM
+               (Zhang et al., 2021) does. Meant for a post-activation (non-negative) map such as
+               EfficientNet's head conv (``conv_head``/``bn2``), which ``TimmBackbone`` returns as its
+               last map; on real CUB photos that map localises best (``BENCHMARKS.md``).
+``cam``        :func:`class_activation_map`: the linear head's weights of the predicted class applied
+               at every position (Zhou et al., 2016); needs ``head='linear'``.
+``attention``  :func:`attention_received_map`: the attention every grid position of the MGFF head
+               receives, averaged over heads, queries and scales; needs ``head='mgff'`` with
+               ``attention='mhsa'``.
+
+Shapes: ``B`` images; maps ``(B, C, h, w)``; a response is ``(B, h, w)`` on the map's grid before
+:func:`~mgff.models.cropper.response.response_map` brings it to ``(B, H, W)`` in [0, 1].
+"""
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from mgff.models.cropper.boxes import BOX_MODES, boxes_from_response_map
+from mgff.models.cropper.choices import check_choice
+from mgff.models.cropper.response import response_map
+
+__all__ = ['FEATURE_RESPONSES', 'activation_energy', 'class_activation_map', 'attention_received_map', 'FeatureLocalizer']
+
+FEATURE_RESPONSES = ('energy', 'cam', 'attention')
+
+
+def activation_energy(feature_map: Tensor) -> Tensor:
+    """AOLM's activation map: ``(B, C, h, w)`` -> ``(B, h, w)``, the sum over channels (float32)."""
+    if feature_map.ndim != 4:
+        raise ValueError(f'feature_map must be (B, C, h, w), got {tuple(feature_map.shape)}')
+    return feature_map.float().sum(dim=1)
+
+
+def class_activation_map(feature_map: Tensor, head: nn.Module, classes: Tensor) -> Tensor:
+    r"""Class activation map of a :class:`~mgff.models.heads.LinearHead` for one class per image.
+
+    The head computes :math:`z_c = w_c^\top \mathrm{mean}_{x}\,\mathrm{LN}(F)(x) + b_c`; the map is the
+    same sum before the pooling, :math:`M_c(x) = w_c^\top \mathrm{LN}(F)(x)` (its mean over positions
+    is the logit minus the bias).
+
+    Args:
+        feature_map: ``(B, C, h, w)``, the map the head reads (the backbone's last).
+        head: a ``LinearHead`` (``norm``, ``classifier``).
+        classes: ``(B,)`` the class of each image (the predicted one at inference).
+
+    Returns:
+        ``(B, h, w)`` float32.
+    """
+    norm, classifier = getattr(head, 'norm', None), getattr(head, 'classifier', None)
+    if not isinstance(classifier, nn.Linear) or norm is None:
+        raise ValueError(f"feature_response='cam' needs the linear head (head='linear'), got {type(head).__name__}")
+    weights = classifier.weight[classes].float()  # (B, C)
+    return torch.einsum('bchw,bc->bhw', norm(feature_map).float(), weights)
+
+
+def attention_received_map(attention: Sequence[Tensor | None], grid: tuple[int, int]) -> Tensor:
+    """Attention each grid position receives in the MGFF head's spatial attention.
+
+    Args:
+        attention: per scale ``(B, heads, N, N)`` row-softmax weights (``None`` for a scale without a
+            global map), ``N = h * w``: the head's ``forward_details()['attention']``.
+        grid: ``(h, w)``.
+
+    Returns:
+        ``(B, h, w)``: the mean over scales, heads and queries (each scale's map sums to 1).
+    """
+    maps = [a for a in attention if a is not None]
+    if not maps:
+        raise ValueError("feature_response='attention' needs the MGFF head with a global spatial attention "
+                         "(head='mgff', use_attention=True, attention='mhsa')")
+    batch = maps[0].shape[0]
+    return torch.stack([a.float().mean(dim=(1, 2)) for a in maps]).mean(dim=0).reshape(batch, *grid)
+
+
+class FeatureLocalizer(nn.Module):
+    """Response map and box from the stage-1 network's maps: ``maps -> (response (B, H, W), boxes (B, 4))``.
+
+    No parameters: it reads the classifier's maps (and, for ``cam``/``attention``, its head). The map
+    on the backbone's grid is upsampled to the image (:func:`response_map`) and boxed as the ViT
+    cropper's is; regions are labelled on the backbone's grid.
+
+    Args:
+        response: ``'energy' | 'cam' | 'attention'`` (module docstring).
+        threshold, box_mode, padding, min_size: see :func:`boxes_from_response_map`.
+    """
+
+    def __init__(
+            self,
+            response: str = 'energy',
+            threshold: str | float = 'mean',
+            box_mode: str = 'largest',
+            padding: float = 0.05,
+            min_size: float = 0.2,
+    ):
+        super().__init__()
+        check_choice('feature_response', response, FEATURE_RESPONSES)
+        check_choice('box_mode', box_mode, BOX_MODES)
+        if not (threshold == 'mean' or (isinstance(threshold, float) and 0.0 < threshold < 1.0)):
+            raise ValueError(f"threshold must be 'mean' or a float quantile in (0, 1), got {threshold!r}")
+        if padding < 0:
+            raise ValueError(f'padding must be >= 0, got {padding}')
+        if not 0.0 <= min_size <= 1.0:
+            raise ValueError(f'min_size must lie in [0, 1], got {min_size}')
+        self.response = response
+        self.threshold = threshold
+        self.box_mode = box_mode
+        self.padding = padding
+        self.min_size = min_size
+
+    def grid_response(self, maps: Sequence[Tensor], head: nn.Module | None = None, logits: Tensor | None = None) -> Tensor:
+        """The chosen response on the backbone's grid: ``(B, h, w)`` float32.
+
+        Args:
+            maps: the backbone's maps ``[(B, C_i, h_i, w_i), ...]``; the last one is read.
+            head: the classification head (``cam``, ``attention``).
+            logits: ``(B, num_classes)`` stage-1 logits; ``cam`` maps their argmax.
+        """
+        if self.response == 'energy':
+            return activation_energy(maps[-1])
+        if head is None:
+            raise ValueError(f"feature_response={self.response!r} needs the classification head")
+        if self.response == 'cam':
+            if logits is None:
+                raise ValueError("feature_response='cam' needs the stage-1 logits (the predicted class)")
+            return class_activation_map(maps[-1], head, logits.argmax(dim=-1))
+        details = getattr(head, 'forward_details', None)
+        if details is None:
+            raise ValueError(f"feature_response='attention' needs the MGFF head (head='mgff'), got {type(head).__name__}")
+        record = details(maps)
+        return attention_received_map(record['attention'], record['grid'])
+
+    def forward(
+            self,
+            maps: Sequence[Tensor],
+            image_size: tuple[int, int],
+            head: nn.Module | None = None,
+            logits: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """``maps`` of images of ``image_size = (H, W)`` -> ``response (B, H, W)`` in [0, 1] and
+        ``boxes (B, 4)`` float32 xyxy in image pixels. Not differentiable (thresholds)."""
+        with torch.no_grad(), torch.autocast(device_type=maps[-1].device.type, enabled=False):
+            grid = self.grid_response([m.detach() for m in maps], head, logits)
+            batch, h, w = grid.shape
+            response = response_map(grid.reshape(batch, h * w), (h, w), tuple(image_size))
+            boxes = boxes_from_response_map(response, self.threshold, self.box_mode, self.padding,
+                                            self.min_size, label_size=(h, w))
+        return response, boxes
+
+    def extra_repr(self) -> str:
+        return (f'response={self.response!r}, threshold={self.threshold!r}, box_mode={self.box_mode!r}, '
+                f'padding={self.padding}, min_size={self.min_size}')

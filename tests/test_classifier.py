@@ -136,3 +136,15 @@ def test_checkpoint_of_another_class_or_size_is_refused_by_name():
     with pytest.raises(ValueError, match=r"num_classes: checkpoint 200 vs this model 5"):
         check_compatible_hparams("FineGrainedClassifier", current, {**current, "num_classes": 200})
     check_compatible_hparams("FineGrainedClassifier", current, {**current, "_class_path": "mgff.lit.FineGrainedClassifier"})
+
+
+def test_crop_size_that_a_swin_cannot_take_is_named_at_construction():
+    swin = dict(backbone="swin_base_patch4_window12_384", img_size=96, backbone_kwargs={"window_size": 6, "embed_dim": 24, "depths": [1, 1, 2, 1], "num_heads": [1, 2, 3, 4]}, stages=[3], head="linear")
+    with pytest.raises(ValueError, match=r"model.init_args.crop_size = 64 does not match the 96x96 input .*model.init_args.img_size = 96"):
+        TwoStageClassifier(num_classes=5, **swin, **TINY_CROPPER)  # TINY_CROPPER's crop_size is 64
+    TwoStageClassifier(num_classes=5, **swin, **{**TINY_CROPPER, "crop_size": 96})  # equal sizes build
+
+
+def test_stages_out_of_range_are_named():
+    with pytest.raises(ValueError, match=r"model.init_args.stages = \[2, 3, 9\] does not fit backbone 'resnet10t'"):
+        FineGrainedClassifier(num_classes=5, **{**TINY, "stages": [2, 3, 9]})

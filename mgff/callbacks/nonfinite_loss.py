@@ -45,11 +45,14 @@ class StopOnNonFiniteLoss(L.Callback):
             return
         terms = getattr(pl_module, "last_loss_terms", None) or {}
         described = ", ".join(f"{name}={float(value):.4g}" for name, value in terms.items()) or "not recorded"
-        where = f"on rank {trainer.global_rank}" if bad_here else f"on another rank than {trainer.global_rank}"
+        if bad_here:
+            what = f"non-finite training loss {_value(loss)} on rank {trainer.global_rank}"
+        else:
+            what = f"non-finite training loss on another rank (rank {trainer.global_rank} had {_value(loss)})"
         raise NonFiniteLossError(
-            f"non-finite training loss {_value(loss)} {where} at global step {self._step} (epoch {trainer.current_epoch}, "
-            f"batch {batch_idx} of the epoch); loss terms: {described}. Training stopped; no checkpoint was written after "
-            "this step. Lower model.init_args.lr (or warm up longer), or check the data for broken images."
+            f"{what} at global step {self._step} (epoch {trainer.current_epoch}, batch {batch_idx} of the epoch); "
+            f"loss terms: {described}. Training stopped; no checkpoint was written after this step. "
+            "Lower model.init_args.lr (or warm up longer), or check the data for broken images."
         )
 
 

@@ -1,0 +1,124 @@
+"""Two-stage on real photos, evaluated with one fine-tuned classifier (issue 13 §3, §4).
+
+Takes the single-stage run of ``benchmarks/real_photos.py`` (``ts_single``: EfficientNet-Lite0 + linear
+head fine-tuned at 224 px, inputs at mean = std = 0.5) and runs the two-stage model with *those weights*
+on the 652 test photos (stage 2 = the same classifier on the crop, as ``shared_classifier: true``),
+for every combination of
+
+- the localiser: ``features`` (the stage-1 network's own map) or ``ground_truth`` (the official box,
+  the oracle), and
+- the crop's source: stage 1's 224 px view or the same view at 448 px (``batch["source"]``, §3),
+
+and reports per combination the test top-1 of stage 1, stage 2 and the merge (``mean_prob`` and
+``sum_logits``), the boxes' mIoU / hit@0.5 against the official boxes (view frame), and stage 2's top-1
+split by whether the box hits (IoU >= 0.5). Stage 2 was never trained on crops here: this isolates the
+box and the crop's resolution from stage 2's training, which the two-stage runs of the runner add.
+
+    nice -n 5 python benchmarks/real_photos_two_stage.py --checkpoint runs/real_photos_two_stage/ts_single/best.ckpt
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torchvision.ops import box_iou
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import real_photos  # noqa: E402
+from benchmarks.measure import describe_machine, machine_info  # noqa: E402
+
+VARIANTS = ("ts_features_view", "ts_features_source", "ts_oracle_view", "ts_oracle_source")
+DEFAULT_OUT = real_photos.DEFAULT_OUT.parent / "real_photos_two_stage"
+
+
+def load_models(checkpoint: Path, data) -> dict[str, torch.nn.Module]:
+    """Each variant's two-stage model (as the runner builds it) with the single-stage checkpoint's weights."""
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
+    models = {}
+    for name in VARIANTS:
+        run = real_photos.RUNS[name]
+        model = real_photos.import_class(run.model_class)(**real_photos.model_kwargs(run, data)).eval()
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.startswith(("metrics.", "box_iou."))]
+        if missing or unexpected:
+            raise RuntimeError(f"{checkpoint} does not fit {name}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        models[name] = model
+    return models
+
+
+def evaluate(models: dict[str, torch.nn.Module], loader) -> dict[str, dict[str, torch.Tensor]]:
+    """Per variant: stage-1 and stage-2 logits ``(N, C)``, boxes ``(N, 4)``; plus labels and ground-truth boxes."""
+    out = {name: {"stage1": [], "stage2": [], "box": []} for name in models}
+    labels, gt = [], []
+    with torch.inference_mode():
+        for batch in loader:
+            labels.append(batch["label"])
+            gt.append(batch["box"])
+            for name, model in models.items():
+                logits, _, extras = model.forward_outputs(batch["image"], batch)
+                out[name]["stage1"].append(logits["stage1"].float())
+                out[name]["stage2"].append(logits["stage2"].float())
+                out[name]["box"].append(extras["box"].float())
+    result = {name: {k: torch.cat(v) for k, v in parts.items()} for name, parts in out.items()}
+    return result, torch.cat(labels), torch.cat(gt)
+
+
+def summarise(parts: dict[str, torch.Tensor], labels: torch.Tensor, gt: torch.Tensor) -> dict[str, float]:
+    acc = lambda logits: float((logits.argmax(-1) == labels).float().mean())  # noqa: E731
+    p1, p2 = parts["stage1"].softmax(-1), parts["stage2"].softmax(-1)
+    iou = box_iou(parts["box"], gt).diagonal()
+    hit = iou >= 0.5
+    stage2_right = parts["stage2"].argmax(-1) == labels
+    return dict(
+        stage1=acc(parts["stage1"]),
+        stage2=acc(parts["stage2"]),
+        mean_prob=acc((p1 + p2) / 2),
+        sum_logits=acc(parts["stage1"] + parts["stage2"]),
+        box_miou=float(iou.mean()),
+        box_hit50=float(hit.float().mean()),
+        stage2_on_hits=float(stage2_right[hit].float().mean()) if hit.any() else float("nan"),
+        stage2_on_misses=float(stage2_right[~hit].float().mean()) if (~hit).any() else float("nan"),
+        box_area=float(((parts["box"][:, 2] - parts["box"][:, 0]) * (parts["box"][:, 3] - parts["box"][:, 1])).mean() / 224**2),
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--checkpoint", type=Path, default=DEFAULT_OUT / "ts_single" / "best.ckpt")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--limit", type=int, default=None, help="first N test images only (a quick check)")
+    args = parser.parse_args(argv)
+    if not real_photos.DATA_ROOT.is_dir() or not args.checkpoint.is_file():
+        raise SystemExit(f"needs {real_photos.DATA_ROOT} and the single-stage checkpoint {args.checkpoint}")
+    torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    data = real_photos.build_datamodule(args.out, 1, **real_photos.SOURCE_DATA)
+    data.setup("test")
+    if args.limit:
+        data.datasets["test"].samples = data.datasets["test"].samples[: args.limit]
+    models = load_models(args.checkpoint, data)
+    start = time.perf_counter()
+    parts, labels, gt = evaluate(models, data.test_dataloader())
+    minutes = (time.perf_counter() - start) / 60
+    rows = {name: summarise(p, labels, gt) for name, p in parts.items()}
+    (args.out / "two_stage_with_single_weights.json").write_text(json.dumps(dict(checkpoint=str(args.checkpoint), images=len(labels), rows=rows), indent=1))
+    print(describe_machine(machine_info(torch.device("cpu"))))
+    print(f"Command: python benchmarks/real_photos_two_stage.py {' '.join(argv if argv is not None else sys.argv[1:])}".strip())
+    print(f"{len(labels)} test photos, weights of {args.checkpoint}, {minutes:.1f} min\n")
+    print("| variant | stage 1 | stage 2 | merged (mean prob) | merged (sum logits) | box mIoU | hit@0.5 | stage 2 on hits / misses | box area |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, r in rows.items():
+        print(f"| {name} | {r['stage1']:.3f} | {r['stage2']:.3f} | {r['mean_prob']:.3f} | {r['sum_logits']:.3f} | {r['box_miou']:.3f} | "
+              f"{r['box_hit50']:.3f} | {r['stage2_on_hits']:.3f} / {r['stage2_on_misses']:.3f} | {r['box_area']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

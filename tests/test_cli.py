@@ -121,13 +121,20 @@ def test_checkpoint_of_another_model_is_refused(fitted, cub_root, tmp_path):
         fit_run(tiny_args(tmp_path, cub_root, "--model.init_args.head", "linear", "--ckpt_path", str(ckpt)))
 
 
-def test_resume_and_test_without_the_initial_weights_file(fitted, cub_root, tmp_path):
+def test_resume_and_test_without_the_initial_weights(fitted, cub_root, tmp_path, monkeypatch):
     tmp, _ = fitted
     gone = str(tmp / "initial_weights.safetensors")
     assert not Path(gone).exists()
     metrics = fit_run(tiny_args(tmp_path, cub_root, "--model.init_args.pretrained", gone, "--ckpt_path", str(checkpoint_of(fitted)), "--trainer.max_epochs", "2"))
     assert metrics["epochs"] == 2 and 0.0 <= metrics["test/acc"] <= 1.0
-    cli_main(["test", *data_args(tmp_path, cub_root, "--model.init_args.pretrained", gone, "--ckpt_path", str(checkpoint_of(fitted)), "--trainer.limit_test_batches", "1")])
+    # a config with hub weights (every paper config) on an offline node
+    import timm.models._builder as builder
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("the hub was contacted")
+
+    monkeypatch.setattr(builder, "load_pretrained", no_network)
+    cli_main(["test", *data_args(tmp_path, cub_root, "--model.init_args.pretrained", "true", "--ckpt_path", str(checkpoint_of(fitted)), "--trainer.limit_test_batches", "1")])
 
 
 def test_nonfinite_loss_stops_the_run_without_checkpoint_or_metrics(cub_root, tmp_path, capsys):

@@ -63,10 +63,11 @@ def test_pngs_every_n_epochs_in_the_run_directory(tmp_path, cub_root):
     assert sorted(p.name for p in (run_dir / "every1").iterdir()) == ["epoch_000.png", "epoch_001.png"]
     assert sorted(p.name for p in (run_dir / "every2").iterdir()) == ["epoch_001.png"]
     assert every_epoch.saved_paths == [run_dir / "every1" / "epoch_000.png", run_dir / "every1" / "epoch_001.png"]
-    # 3 images in one row of 2.5-inch panels at 100 dpi; 8 requested but the val split has 4: 4 panels
+    # 3 images in one row of 2.5-inch columns (map over crop, 5 inches) at 100 dpi; 8 requested but the
+    # val split has 4: 4 columns
     first = imread(every_epoch.saved_paths[0])
-    assert first.shape[:2] == (250, 750)
-    assert imread(every_second.saved_paths[0]).shape[:2] == (250, 1000)
+    assert first.shape[:2] == (500, 750)
+    assert imread(every_second.saved_paths[0]).shape[:2] == (500, 1000)
     assert first[..., :3].std() > 0.05  # a picture, not a blank canvas
 
 
@@ -96,7 +97,7 @@ def test_tensorboard_gets_the_figure_and_log_image_loggers_the_png(tmp_path, cub
     events.Reload()
     assert events.Tags()["images"] == ["val/attention_maps"]
     image = events.Images("val/attention_maps")[0]
-    assert image.step == fit.global_step == 1 and (image.width, image.height) == (500, 250)
+    assert image.step == fit.global_step == 1 and (image.width, image.height) == (500, 500)
     assert image_logger.images == [("val/attention_maps", [str(png)], 1)]
 
 
@@ -161,3 +162,43 @@ def test_arguments_are_checked():
         AttentionMapLogger(every_n_epochs=0)
     with pytest.raises(ValueError, match="num_images"):
         AttentionMapLogger(num_images=0)
+
+
+def test_features_localiser_map_boxes_and_crops_are_drawn(tmp_path, monkeypatch):
+    import mgff.callbacks.attention_maps as attention_maps
+
+    drawn = {}
+    real_panel = attention_maps.localization_panel
+
+    def recording_panel(images, responses, boxes, crops, gt_boxes=None, **kwargs):
+        drawn.update(images=images, responses=responses, boxes=boxes, crops=crops, gt_boxes=gt_boxes, **kwargs)
+        return real_panel(images, responses, boxes, crops, gt_boxes, **kwargs)
+
+    monkeypatch.setattr(attention_maps, "localization_panel", recording_panel)
+    torch.manual_seed(0)
+    model = TwoStageClassifier(num_classes=4, localization="features", crop_size=48, **TINY).eval()
+    callback, fake = AttentionMapLogger(num_images=3), fake_trainer(tmp_path)
+    data = batch(3)
+    callback.on_validation_epoch_start(fake, model)
+    callback.on_validation_batch_end(fake, model, None, data, 0)
+    callback.on_validation_epoch_end(fake, model)
+    with torch.no_grad():
+        expected = model.localize(data["image"])
+    # the features localiser's own response map and boxes, the ground truth, the crops at their real size
+    torch.testing.assert_close(drawn["responses"], expected.response)
+    torch.testing.assert_close(drawn["boxes"], expected.boxes)
+    torch.testing.assert_close(drawn["gt_boxes"], data["box"], equal_nan=True)
+    assert drawn["crops"].shape == (3, 3, 48, 48)
+    x1, y1, x2, y2 = expected.boxes[1].tolist()
+    assert drawn["crop_titles"][1] == f"{x2 - x1:.0f} x {y2 - y1:.0f} px of the view\n-> 48 px"
+    assert "IoU" not in drawn["titles"][0] and "IoU" in drawn["titles"][1]  # image 0 has no ground-truth box
+    assert callback.saved_paths == [tmp_path / "attention_maps" / "epoch_000.png"]
+
+
+def test_crop_titles_give_the_box_in_the_source_frame():
+    model = SimpleNamespace(hparams=SimpleNamespace(crop_from="source"))
+    boxes = torch.tensor([[0.0, 0.0, 32.0, 16.0]])
+    titles = AttentionMapLogger._crop_titles(model, boxes, torch.zeros(1, 3, 64, 64), torch.zeros(1, 3, 256, 256), 64)
+    assert titles == ["128 x 64 px of the source\n-> 64 px"]
+    model.hparams.crop_from = "view"
+    assert AttentionMapLogger._crop_titles(model, boxes, torch.zeros(1, 3, 64, 64), None, 64) == ["32 x 16 px of the view\n-> 64 px"]

@@ -219,3 +219,18 @@ def test_layer_fusion_reaches_the_vit_cropper():
     assert not torch.allclose(responses["product"], responses["mean"])
     with pytest.raises(ValueError, match="layer_fusion"):
         TwoStageClassifier(localization="column_sum", layer_fusion="max", **TINY, **TINY_VIT)
+
+
+def test_two_stage_from_a_stage_one_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    single = FineGrainedClassifier(**TINY, head="linear").eval()
+    path = tmp_path / "single.ckpt"
+    torch.save({"hyper_parameters": dict(single.hparams), "state_dict": single.state_dict()}, path)
+    model = TwoStageClassifier.from_stage1_checkpoint(path, feature_response="cam").eval()
+    assert model.hparams.localization == "features" and model.feature_localizer.response == "cam"
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(images).logits, single(images).logits)  # the checkpoint's weights
+    torch.save({"hyper_parameters": dict(single.hparams), "state_dict": {}}, path)
+    with pytest.raises(ValueError, match="lacks"):
+        TwoStageClassifier.from_stage1_checkpoint(path)

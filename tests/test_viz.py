@@ -25,7 +25,7 @@ from mgff.viz.dataset import augmentation_grid, class_counts, image_grid, image_
 from mgff.viz.drawing import to_display
 from mgff.viz.errors import confusion_matrix, most_confused_pairs, per_class_accuracy, plot_confused_examples, plot_confusion_matrix, plot_per_class_accuracy, prediction_class_names, read_predictions
 from mgff.viz.fusion import attention_received, fusion_maps, plot_fusion_maps, super_node_labels
-from mgff.viz.localization import crop_panel, response_overlay
+from mgff.viz.localization import crop_panel, localization_panel, response_overlay
 from mgff.viz.stages import plot_stage_predictions, stage_logits, stage_predictions
 from mgff.lit import FineGrainedClassifier, TwoStageClassifier
 
@@ -254,6 +254,28 @@ def test_crop_panel_puts_images_over_their_crops():
     np.testing.assert_allclose(bottom[1].images[0].get_array(), crops[1].permute(1, 2, 0).numpy(), atol=1e-6)
     assert rect_xyxy(rectangles(top[1])[0]) == (4.0, 4.0, 12.0, 12.0)
     assert all(not rectangles(ax) for ax in bottom)
+
+
+
+def test_localization_panel_puts_map_and_boxes_over_the_crop_at_its_real_resolution():
+    images = torch.rand(2, 3, 32, 32)
+    response = torch.zeros(2, 32, 32)
+    response[0, :8, :8] = 1.0
+    crops = torch.rand(2, 3, 12, 12)
+    boxes = torch.tensor([[0.0, 0.0, 8.0, 8.0], [4.0, 4.0, 12.0, 12.0]])
+    gt = torch.tensor([[1.0, 1.0, 9.0, 9.0], [float("nan")] * 4])
+    fig = localization_panel(images, response, boxes, crops, gt, titles=["a", "b"], crop_titles=["c0", "c1"], mean=None, std=None)
+    top, bottom = fig.axes[:2], fig.axes[2:]
+    assert [ax.get_title() for ax in fig.axes] == ["a", "b", "c0", "c1"]
+    np.testing.assert_array_equal(top[0].images[1].get_array(), response[0].numpy())
+    assert [len(rectangles(ax)) for ax in top] == [2, 1] and all(not rectangles(ax) for ax in bottom)
+    assert rect_xyxy(rectangles(top[0])[0]) == (1.0, 1.0, 9.0, 9.0)  # the ground truth, then the prediction
+    # the crop pixel for pixel: its own 12 x 12 array, nearest-neighbour
+    np.testing.assert_allclose(bottom[1].images[0].get_array(), crops[1].permute(1, 2, 0).numpy(), atol=1e-6)
+    assert bottom[1].images[0].get_interpolation() == "nearest"
+    assert localization_panel(images, response, boxes, crops, mean=None, std=None).axes[2].get_title() == "crop 12 x 12 px"
+    with pytest.raises(ValueError, match="crops"):
+        localization_panel(images, response, boxes, crops[:1], mean=None, std=None)
 
 
 # ----- 3. the two stages ------------------------------------------------------------------------

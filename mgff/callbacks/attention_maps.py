@@ -1,4 +1,4 @@
-"""Saves what the attention cropper sees on validation images, every few epochs, as pictures."""
+"""Saves what the localiser sees on validation images, every few epochs, as pictures."""
 
 from __future__ import annotations
 
@@ -12,15 +12,19 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
 from data_modules.transforms import IMAGENET_MEAN, IMAGENET_STD
-from mgff.viz.localization import response_overlay
+from mgff.metrics.box_iou import paired_box_iou
+from mgff.viz.localization import localization_panel
 
 
 class AttentionMapLogger(Callback):
-    """Every ``every_n_epochs`` epochs, draw the cropper's response map and box on validation images.
+    """Every ``every_n_epochs`` epochs, draw the localiser's response map, boxes and crops on validation images.
 
-    The first ``num_images`` images of the validation loader are drawn in a grid under their response
-    map (``jet``), with the predicted box (red) and the ground-truth box (green, dashed, where the
-    dataset has one), titled with their class. The figure is saved as
+    The first ``num_images`` images of the validation loader are drawn side by side under their response
+    map (``jet``: the ViT's attention, the stage-1 network's own map for ``localization='features'``, the
+    box itself for ``ground_truth``), with the predicted box (red) and the ground-truth box (green, dashed,
+    where the dataset has one), titled with their class and the IoU; below each, the crop stage 2
+    classifies, pixel for pixel, titled with the box's size in the frame it was cut from (stage 1's view
+    or the source view) and the crop's side. The figure is saved as
     ``<log_dir>/attention_maps/epoch_XXX.png`` (``XXX`` the 0-based epoch) and, for a
     ``TensorBoardLogger``, added as the figure ``val/attention_maps`` at the global step; loggers with a
     ``log_image(key, images, step)`` method (W&B) get the PNG; others (CSV) only the file.
@@ -49,6 +53,7 @@ class AttentionMapLogger(Callback):
         self._images: list[torch.Tensor] = []
         self._boxes: list[torch.Tensor] = []
         self._labels: list[torch.Tensor] = []
+        self._sources: list[torch.Tensor] = []
 
     # ----- when to act --------------------------------------------------------------------------
     def _supports(self, pl_module: L.LightningModule) -> bool:
@@ -77,7 +82,7 @@ class AttentionMapLogger(Callback):
         self._supports(pl_module)  # warn at the start of the run, not after the first epoch
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._images, self._boxes, self._labels = [], [], []
+        self._images, self._boxes, self._labels, self._sources = [], [], [], []
 
     def on_validation_batch_end(
         self,
@@ -99,22 +104,36 @@ class AttentionMapLogger(Callback):
         self._boxes.append(box[:missing].detach().float().cpu() if box is not None else torch.full((len(images), 4), float("nan")))
         label = batch.get("label")
         self._labels.append(label[:missing].detach().cpu() if label is not None else torch.full((len(images),), -1))
+        source = batch.get("source")
+        if source is not None:
+            self._sources.append(source[:missing].detach().cpu())
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self._images or not self._active(trainer, pl_module):
             return
         images = torch.cat(self._images)
         gt_boxes, labels = torch.cat(self._boxes), torch.cat(self._labels)
-        self._images, self._boxes, self._labels = [], [], []
+        source = torch.cat(self._sources) if len(self._sources) == len(self._images) else None
+        self._images, self._boxes, self._labels, self._sources = [], [], [], []
+        device = pl_module.device
         with torch.no_grad():
-            crop = pl_module.localize(images.to(pl_module.device))
+            crop = pl_module.localize(
+                images.to(device), None if source is None else source.to(device), boxes=gt_boxes.to(device)
+            )
+        boxes = crop.boxes.float().cpu()
         names = getattr(pl_module.hparams, "class_names", None) if hasattr(pl_module, "hparams") else None
-        titles = [names[i] if names and i >= 0 else (str(i) if i >= 0 else "") for i in labels.tolist()]
+        iou = paired_box_iou(boxes, gt_boxes.nan_to_num(0.0))
+        known = ~torch.isnan(gt_boxes).any(dim=1)
+        titles = [
+            (names[i] if names and i >= 0 else (str(i) if i >= 0 else "")) + (f"\nIoU {float(v):.2f}" if has_box else "")
+            for i, v, has_box in zip(labels.tolist(), iou, known.tolist())
+        ]
         mean, std = self._normalization(trainer)
-        figure = response_overlay(
-            images, crop.response.cpu(), crop.boxes.cpu(), gt_boxes, titles=titles, ncols=min(4, len(images)), mean=mean, std=std
+        figure = localization_panel(
+            images, crop.response.float().cpu(), boxes, crop.crops.float().cpu(), gt_boxes, titles=titles,
+            crop_titles=self._crop_titles(pl_module, boxes, images, source, crop.crops.shape[-1]), mean=mean, std=std,
         )
-        figure.suptitle(f"epoch {trainer.current_epoch}: response map, predicted box (red), ground truth (green)", fontsize=9)
+        figure.suptitle(f"epoch {trainer.current_epoch}: response map, predicted box (red), ground truth (green); the crops", fontsize=9)
         out_dir = Path(trainer.log_dir or trainer.default_root_dir) / self.dirname
         out_dir.mkdir(parents=True, exist_ok=True)
         path = out_dir / f"epoch_{trainer.current_epoch:03d}.png"
@@ -125,6 +144,16 @@ class AttentionMapLogger(Callback):
                 logger.experiment.add_figure("val/attention_maps", figure, global_step=trainer.global_step, close=False)
             elif callable(getattr(logger, "log_image", None)):
                 logger.log_image(key="val/attention_maps", images=[str(path)], step=trainer.global_step)
+
+    @staticmethod
+    def _crop_titles(pl_module: L.LightningModule, boxes: torch.Tensor, images: torch.Tensor, source: torch.Tensor | None, side: int) -> list[str]:
+        """``"<w> x <h> px of the view|source -> <side> px"`` per crop: the box in the frame it is cut from."""
+        from_source = source is not None and getattr(pl_module.hparams, "crop_from", "view") == "source"
+        frame = source if from_source else images
+        scale = boxes.new_tensor([frame.shape[-1] / images.shape[-1], frame.shape[-2] / images.shape[-2]]).repeat(2)
+        sizes = (boxes * scale)[:, 2:] - (boxes * scale)[:, :2]
+        where = "source" if from_source else "view"
+        return [f"{w:.0f} x {h:.0f} px of the {where}\n-> {side} px" for w, h in sizes.tolist()]
 
     @staticmethod
     def _normalization(trainer: L.Trainer) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -8,12 +8,14 @@ an oracle); all send a response map through the same map -> box -> crop code (``
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mgff.lit.checkpoint import plain_hyperparameters
 from mgff.lit.classifier import FineGrainedClassifier
 from mgff.metrics.box_iou import BoxIoU
 from mgff.models.cropper.attention_cropper import AttentionCropper
@@ -146,6 +148,26 @@ class TwoStageClassifier(FineGrainedClassifier):
             self.backbone2 = self.build_backbone()
             self.head2 = self.build_head(self.backbone2.feature_channels, self.backbone2.feature_reductions, hp.num_classes)
         self.box_iou = nn.ModuleDict({"val": BoxIoU(), "test": BoxIoU()})
+
+    @classmethod
+    def from_stage1_checkpoint(cls, checkpoint_path: str | Path, **overrides: Any) -> "TwoStageClassifier":
+        """A two-stage model around the stage 1 of a single-stage classifier's checkpoint.
+
+        The checkpoint's hyperparameters (plain values only, :func:`~mgff.lit.checkpoint.plain_hyperparameters`)
+        build the model with ``localization='features'`` unless ``overrides`` say otherwise; its backbone, head
+        and input normalisation are loaded (stage 2 shares them). For looking at a fine-tuned classifier's
+        localisation (``benchmarks/box_quality.py``, notebook 02) without training a two-stage model."""
+        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+        hparams = plain_hyperparameters(checkpoint.get("hyper_parameters", {}), str(checkpoint_path))
+        kwargs = {k: v for k, v in hparams.items() if not k.startswith("_")}
+        kwargs.update(pretrained=False, localization="features")  # the checkpoint holds the weights
+        kwargs.update(overrides)
+        model = cls(**kwargs)
+        missing, _ = model.load_state_dict(checkpoint["state_dict"], strict=False)
+        lost = [k for k in missing if k.startswith(("backbone.", "head.", "input_norm."))]
+        if lost:
+            raise ValueError(f"{checkpoint_path} lacks {len(lost)} stage-1 weights of this model, e.g. {lost[:3]}")
+        return model
 
     @property
     def output_names(self) -> tuple[str, ...]:

@@ -141,3 +141,14 @@ def test_other_classes_are_refused_with_the_differences(tiny_model, tmp_path):
     with pytest.raises(ValueError, match=r"only in the checkpoint: \['c'\] \(1\); only in the data: \['zebra'\] \(1\)"):
         model.on_load_checkpoint(torch.load(path, weights_only=True))
     assert class_order_map(NAMES, NAMES) is None
+
+
+def test_loaded_model_on_data_with_other_classes_is_refused_at_setup(tiny_model):
+    # load_from_checkpoint, then trainer.test(model, datamodule): setup() compares the DataModule's names
+    model = FineGrainedClassifier(num_classes=3, class_names=NAMES, **TINY)
+    with pytest.raises(ValueError, match=r"the model was trained on other classes .* only in the model: \['c'\] \(1\); only in the data: \['d'\]"):
+        model._match_data_classes(["a", "b", "d"], "the model")
+    model._match_data_classes(["c", "a", "b"], "the model")
+    batch = {"label": torch.tensor([0, 1, 2])}
+    model.on_validation_batch_start(batch, 0)
+    assert batch["label"].tolist() == [2, 0, 1]

@@ -112,7 +112,7 @@ def class_order_map(checkpoint_names: Sequence[str], data_names: Sequence[str], 
     if only_ckpt or only_data:
         raise ValueError(
             f"{source} was trained on other classes than the data has ({len(checkpoint_names)} vs {len(data_names)} classes): "
-            f"only in the checkpoint: {_short(only_ckpt)}; only in the data: {_short(only_data)}"
+            f"only in the {source.removeprefix('the ')}: {_short(only_ckpt)}; only in the data: {_short(only_data)}"
         )
     position = {n: i for i, n in enumerate(checkpoint_names)}
     return [position[n] for n in data_names]

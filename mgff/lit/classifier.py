@@ -362,14 +362,14 @@ class FineGrainedClassifier(L.LightningModule):
         """Compare the DataModule's class names with the model's (see :meth:`_match_data_classes`)."""
         names = getattr(getattr(self.trainer, "datamodule", None), "class_names", None)
         if names is not None and self.hparams.get("class_names") is not None:
-            self._match_data_classes(list(names))
+            self._match_data_classes(list(names), "the model")
 
-    def _match_data_classes(self, data_names: list[str]) -> None:
+    def _match_data_classes(self, data_names: list[str], source: str = "checkpoint") -> None:
         """Map the data's labels to the model's outputs: same names in another order are remapped (and
-        said so), another set of names is refused with the differences listed."""
+        said so), another set of names is refused with the differences listed (``source`` names the model's side)."""
         self._data_class_names = list(data_names)
         model_names = list(self.hparams.class_names)
-        mapping = class_order_map(model_names, data_names, "checkpoint")
+        mapping = class_order_map(model_names, data_names, source)
         if mapping is None:
             self._label_map = None
             return

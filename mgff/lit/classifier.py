@@ -235,15 +235,35 @@ class FineGrainedClassifier(L.LightningModule):
 
     # ----- steps --------------------------------------------------------------------------------
     def _shared_step(self, batch: dict[str, Any], split: str) -> Tensor | None:
-        if not batch:  # every image of the batch was a skipped corrupt file
-            return None
+        if not batch:  # every image of the batch was a skipped bad image (data.on_bad_image: skip)
+            if self._trainer is None or self.trainer.world_size == 1:
+                return None  # nothing to learn or count; Lightning skips the step
+            # Under DDP the other ranks still reduce gradients every step and logged values at the epoch's
+            # end (in the order the keys were first logged): take part in both with nothing. The keys are
+            # logged as below, in the same order, with weight 0 (metrics registered, not updated); a zero
+            # loss reaching every trainable weight sends zero gradients (averaged in).
+            zero = torch.zeros((), device=self.device)
+            if split != "train":  # train/loss is not reduced over ranks (sync_dist=False)
+                self.log(f"{split}/loss", zero, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=0.0)
+            placeholder = {name: torch.zeros(1, self.hparams.num_classes, device=self.device) for name in self.output_names}
+            terms = self.loss_terms(placeholder, zero, torch.zeros(1, dtype=torch.long, device=self.device))
+            if len(terms) > 1:
+                for name in terms:
+                    self.log(f"{split}/loss_{name}", zero, on_step=False, on_epoch=True, sync_dist=True, batch_size=0.0)
+            for name in self.output_names:
+                prefix = f"{split}/" if name == "main" else f"{split}/{name}_"
+                metrics = self.metrics[f"{split}_{name}"]
+                self.log_dict({prefix + k: m for k, m in metrics.items()}, on_step=False, on_epoch=True, prog_bar=name == "main" and split != "train", batch_size=0.0)
+            return sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0 if split == "train" else None
         labels = batch["label"]
         logits, aux_loss, extras = self.forward_outputs(batch["image"], batch)
         terms = self.loss_terms(logits, aux_loss, labels)
         if split == "train":  # named by StopOnNonFiniteLoss when the loss is not finite
             self.last_loss_terms = {name: value.detach() for name, value in terms.items()}
         loss = torch.stack(list(terms.values())).sum()
-        batch_size = labels.shape[0]
+        # a float: Lightning keeps the count of a logged mean in an integer tensor when given an int, and its
+        # mean over ranks truncates it (1 image + 0 on a rank whose batch was skipped -> 0 -> val/loss inf)
+        batch_size = float(labels.shape[0])
         on_step = split == "train"
         self.log(f"{split}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, sync_dist=not on_step, batch_size=batch_size)
         if len(terms) > 1:

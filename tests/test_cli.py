@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from mgff.callbacks.nonfinite_loss import NonFiniteLossError
 from mgff.cli import main as cli_main
 from mgff.fit import run as fit_run
-from mgff.predict_folder import predict_folder
+from mgff.predict_folder import main as predict_folder_main
 
 DEMO = str(Path(__file__).resolve().parents[1] / "experiments" / "demo.yaml")
 
@@ -201,7 +201,8 @@ def test_predict_folder_of_new_photos(fitted, tmp_path, caplog, monkeypatch):
     photo(folder / "IMG_0002.png", (90, 120), 1)
     (folder / "broken.jpg").write_bytes(b"not an image")
     (folder / "notes.txt").write_text("not a photo: ignored")
-    out = predict_folder(ckpt_path=str(checkpoint_of(fitted)), images=str(folder), output=str(tmp_path / "out" / "predictions.csv"), top_k=3, num_workers=0)
+    out = tmp_path / "out" / "predictions.csv"
+    predict_folder_main(["--ckpt_path", str(checkpoint_of(fitted)), "--images", str(folder), "--output", str(out), "--top_k", "3", "--num_workers", "0"])
     rows = {row["path"]: row for row in csv.DictReader(open(out))}
     assert set(rows) == {"field/day 1/IMG_0001.JPG", "IMG_0002.png", "broken.jpg"}
     class_names = torch.load(checkpoint_of(fitted), weights_only=True)["hyper_parameters"]["class_names"]

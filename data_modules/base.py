@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 
 from data_modules.dataset import FineGrainedDataset, OnBadImage, collate_skip_none
 from data_modules.errors import DatasetNotFoundError
+from data_modules.image_io import DEFAULT_MAX_IMAGE_PIXELS
 from data_modules.resumable import SeededTransform, split_loader
 from data_modules.samples import Sample, check_images_exist
 from data_modules.transforms import IMAGENET_MEAN, IMAGENET_STD, apply_transform, build_eval_transform, build_train_transform
@@ -96,6 +97,9 @@ class FineGrainedDataModule(L.LightningDataModule):
         source_size: also yield ``batch["source"]``, the same view (same crop and flip) at this side as
             ``(B, 3, S, S)`` uint8, for a second stage that cuts its crop "from the original image"
             (:class:`~data_modules.transforms.ViewWithSource`); ``None``: no source view.
+        max_image_pixels: an image declaring more pixels is a bad image (``on_bad_image`` decides),
+            refused from its header before decoding, in every loader worker and in the cache builder;
+            guards against decompression bombs (a 17 KB PNG can declare 20000x20000). ``None``: no limit.
     """
 
     dataset_name = "dataset"
@@ -123,6 +127,7 @@ class FineGrainedDataModule(L.LightningDataModule):
         cache_dir: str | Path | None = None,
         cache_size: int = 512,
         source_size: int | None = None,
+        max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
     ) -> None:
         super().__init__()
         if crop_size > resize_size:
@@ -133,6 +138,8 @@ class FineGrainedDataModule(L.LightningDataModule):
             raise ValueError(f"on_bad_image must be 'raise' or 'skip', got {on_bad_image!r}")
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        if max_image_pixels is not None and max_image_pixels < 1:
+            raise ValueError(f"data.max_image_pixels must be a positive number of pixels or null, got {max_image_pixels}")
         if source_size is not None and source_size < crop_size:
             raise ValueError(f"data.source_size ({source_size}) must be at least data.crop_size ({crop_size}): it is the same view at a higher resolution")
         if cache_size < 1:
@@ -156,6 +163,7 @@ class FineGrainedDataModule(L.LightningDataModule):
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else None
         self.cache_size = cache_size
         self.source_size = source_size
+        self.max_image_pixels = max_image_pixels
         self._splits: Splits | None = None
         self.datasets: dict[str, FineGrainedDataset] = {}
 
@@ -173,7 +181,7 @@ class FineGrainedDataModule(L.LightningDataModule):
         # its own module already imported by the package (runpy warns)
         from data_modules.resized_cache import ResizedImageCache
 
-        return ResizedImageCache(self.cache_dir, shorter_side=self.cache_size)
+        return ResizedImageCache(self.cache_dir, shorter_side=self.cache_size, max_image_pixels=self.max_image_pixels)
 
     # ----- class facts, linked into the model by the CLI ----------------------------------------
     @property
@@ -247,7 +255,9 @@ class FineGrainedDataModule(L.LightningDataModule):
         eval_tf = partial(apply_transform, build_eval_transform(self.resize_size, self.crop_size, self.mean, self.std, self.source_size))
         if self.source_size is not None and self.cache_dir is not None and self.cache_size * self.crop_size < self.source_size * self.resize_size:
             log.warning("data.cache_size (%s) holds less detail than data.source_size (%s) asks for: the source view is upsampled", self.cache_size, self.source_size)
-        make = partial(FineGrainedDataset, root, on_bad_image=self.on_bad_image, crop_to_box=self.crop_to_box)
+        make = partial(
+            FineGrainedDataset, root, on_bad_image=self.on_bad_image, crop_to_box=self.crop_to_box, max_image_pixels=self.max_image_pixels
+        )
         self.datasets = {
             "train": make(samples["train"], train_tf),
             "val": make(samples["val"], eval_tf),

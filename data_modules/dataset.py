@@ -8,24 +8,17 @@ from typing import Any, Callable, Literal, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, default_collate
 
 from data_modules.errors import BadImageError
+from data_modules.image_io import DEFAULT_MAX_IMAGE_PIXELS, DecodedImage, load_rgb, orient_box, read_image
 from data_modules.samples import Sample
 
 log = logging.getLogger("mgff")
 
 OnBadImage = Literal["raise", "skip"]
 
-
-def load_rgb(path: Path) -> np.ndarray:
-    """Decode an image file to an ``(H, W, 3)`` uint8 array; raise :class:`BadImageError` naming it."""
-    try:
-        with Image.open(path) as img:
-            return np.asarray(img.convert("RGB"))
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise BadImageError(f"cannot decode image {path}: {err}") from err
+__all__ = ["FineGrainedDataset", "OnBadImage", "collate_skip_none", "load_rgb"]
 
 
 class FineGrainedDataset(Dataset):
@@ -33,8 +26,14 @@ class FineGrainedDataset(Dataset):
 
     Each item is a dict: ``image`` ``(3, h, w)`` float tensor, ``label`` int64, ``box`` ``(4,)`` float
     ``(x1, y1, x2, y2)`` in pixels of the transformed image (NaN when unknown), ``index`` int64 (position
-    in ``samples``) and ``path`` (relative to the root). With ``on_bad_image="skip"`` a corrupt image
-    yields ``None`` (dropped by :func:`collate_skip_none`) and a warning naming the file.
+    in ``samples``) and ``path`` (relative to the root). With ``on_bad_image="skip"`` a corrupt image,
+    or one above ``max_image_pixels``, yields ``None`` (dropped by :func:`collate_skip_none`) and a
+    warning naming the file.
+
+    Images are decoded by :func:`~data_modules.image_io.read_image` (EXIF orientation applied,
+    16-bit scaled). Metadata boxes are in the stored frame of the image the metadata describes
+    (``Sample.size`` when known): a box is scaled to the decoded file's stored size, then moved to
+    the displayed frame with the file's EXIF orientation, then clipped to the image.
 
     Args:
         root: dataset root (or the resized cache's root; paths in ``samples`` are relative to it).
@@ -43,6 +42,7 @@ class FineGrainedDataset(Dataset):
             source)`` where the item also gets ``source``: the same view at a higher resolution, ``(3, S, S)`` uint8.
         on_bad_image: ``"raise"`` (default) or ``"skip"``.
         crop_to_box: crop each image to its ground-truth box before the transform (oracle baseline).
+        max_image_pixels: images with more pixels are bad images (decompression bombs); ``None``: no limit.
     """
 
     def __init__(
@@ -52,6 +52,7 @@ class FineGrainedDataset(Dataset):
         transform: Callable[[np.ndarray, Any], tuple[torch.Tensor, np.ndarray] | tuple[torch.Tensor, np.ndarray, torch.Tensor]],
         on_bad_image: OnBadImage = "raise",
         crop_to_box: bool = False,
+        max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
     ) -> None:
         if on_bad_image not in ("raise", "skip"):
             raise ValueError(f"on_bad_image must be 'raise' or 'skip', got {on_bad_image!r}")
@@ -60,6 +61,9 @@ class FineGrainedDataset(Dataset):
         self.transform = transform
         self.on_bad_image = on_bad_image
         self.crop_to_box = crop_to_box
+        self.max_image_pixels = max_image_pixels
+        self.resized_boxes = 0  # boxes scaled because the image's size disagreed with the metadata's
+        self._warned_resized = False
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -68,16 +72,17 @@ class FineGrainedDataset(Dataset):
         sample = self.samples[index]
         path = self.root / sample.path
         try:
-            image = load_rgb(path)
-        except BadImageError:
+            decoded = read_image(path, self.max_image_pixels)
+        except BadImageError as err:
             if self.on_bad_image == "raise":
                 raise
-            log.warning("skipping corrupt image %s (on_bad_image=skip)", path)
+            log.warning("skipping bad image (on_bad_image=skip): %s", err)
             return None
+        image = decoded.pixels
         box = sample.box
         if box is not None:
-            box = _scale_box(box, sample, image)
-            if self.crop_to_box:
+            box = self._displayed_box(box, sample, decoded)
+            if self.crop_to_box and box is not None:
                 image, box = _crop_to_box(image, box)
         tensor, new_box, *source = self.transform(image, box)
         item = {
@@ -91,9 +96,31 @@ class FineGrainedDataset(Dataset):
             item["source"] = source[0]
         return item
 
+    def _displayed_box(self, box, sample: Sample, decoded: DecodedImage):
+        """The metadata box in pixels of ``decoded.pixels``: scaled from ``sample.size`` to the file's
+        stored size (a resized copy of the dataset), oriented by EXIF, clipped; ``None`` if empty.
 
-def _scale_box(box, sample: Sample, image: np.ndarray):
-    """Clip the metadata box to the decoded image (metadata boxes can overhang by a pixel)."""
+        Metadata whose size is the stored size turned by a 90-degree EXIF orientation was written in
+        the displayed frame: its box is taken as it is."""
+        if sample.size is not None and decoded.orientation >= 5 and tuple(sample.size) == tuple(decoded.stored_size)[::-1]:
+            return _clip_box(box, decoded.pixels)
+        if sample.size is not None and tuple(sample.size) != tuple(decoded.stored_size):
+            (meta_w, meta_h), (w, h) = sample.size, decoded.stored_size
+            sx, sy = w / meta_w, h / meta_h
+            box = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
+            self.resized_boxes += 1
+            if not self._warned_resized:  # once per dataset and loader worker
+                self._warned_resized = True
+                log.warning(
+                    "image %s is %dx%d but the metadata says %dx%d: its box (and any other such image's) is scaled by the ratio",
+                    sample.path, w, h, meta_w, meta_h,
+                )
+        box = orient_box(box, decoded.orientation, decoded.stored_size)
+        return _clip_box(box, decoded.pixels)
+
+
+def _clip_box(box, image: np.ndarray):
+    """Clip the box to the decoded image (metadata boxes can overhang by a pixel); ``None`` if empty."""
     h, w = image.shape[:2]
     x1, y1, x2, y2 = box
     x1, x2 = min(max(x1, 0.0), w), min(max(x2, 0.0), w)

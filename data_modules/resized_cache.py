@@ -265,9 +265,15 @@ def _scaled(sample: Sample, sizes: Sizes | None) -> Sample:
     if sizes is None:  # an undecodable image copied as is: the loader skips it
         return sample
     source_w, source_h, cached_w, cached_h, orientation = sizes
+    if (cached_w, cached_h, orientation) == (source_w, source_h, 1):  # a byte copy: read as the original is
+        return sample
     if sample.box is None:
         return replace(sample, size=None)
     x1, y1, x2, y2 = sample.box
+    if sample.size is not None and orientation >= 5 and tuple(sample.size) == (source_h, source_w):
+        # metadata written in the displayed frame (see FineGrainedDataset._displayed_box): only the scale changes
+        sx, sy = cached_w / source_h, cached_h / source_w
+        return replace(sample, box=(x1 * sx, y1 * sy, x2 * sx, y2 * sy), size=(cached_w, cached_h))
     if sample.size is not None:  # the metadata describes an image of another size (a resized copy)
         meta_w, meta_h = sample.size
         sx, sy = source_w / meta_w, source_h / meta_h

@@ -159,3 +159,26 @@ def test_exif_rotated_jpeg_same_pixels_and_box_with_and_without_the_cache(cub_co
     assert cached["image"].shape[:2] == (90, 60)  # shorter side 60, same orientation
     np.testing.assert_allclose(cached["box"].numpy(), red_extent(cached["image"].numpy()), atol=1.5)
     np.testing.assert_allclose(cached["box"].numpy() * 80 / 60, original["box"].numpy(), atol=1.5)
+
+
+@pytest.mark.parametrize("cache_side", [None, 60, 200])  # originals, a resized cache, a byte-copy cache
+@pytest.mark.parametrize("frame", ["stored", "displayed"])
+def test_metadata_sizes_say_the_frame_of_their_box(tmp_path, cache_side, frame):
+    """``Sample.size`` (NA-Birds' sizes.txt) in the stored frame (120x80) or the displayed one (80x120)
+    of an EXIF-rotated photo: either way the box lands on the red patch."""
+    from data_modules.dataset import FineGrainedDataset
+    from data_modules.samples import Sample
+
+    (tmp_path / "src").mkdir()
+    write_rotated_jpeg(tmp_path / "src" / "photo.jpg", orientation=6)
+    if frame == "stored":
+        sample = Sample("photo.jpg", 0, STORED_BOX, size=(120, 80))
+    else:
+        sample = Sample("photo.jpg", 0, orient_box(STORED_BOX, 6, (120, 80)), size=(80, 120))
+    root, samples = tmp_path / "src", [sample]
+    if cache_side is not None:
+        cache = ResizedImageCache(tmp_path / "cache", cache_side)
+        cache.prepare(root, ["photo.jpg"], progress=False)
+        root, samples = cache.cache_dir, cache.cached_samples(samples)
+    item = FineGrainedDataset(root, samples, identity)[0]
+    np.testing.assert_allclose(item["box"].numpy(), red_extent(item["image"].numpy()), atol=1.5)

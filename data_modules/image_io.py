@@ -95,11 +95,16 @@ def exif_orientation(img: Image.Image) -> int:
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
-    """An RGB copy of ``img``; 16-bit images are scaled (``v / 257``, rounded) rather than clipped."""
+    """An RGB copy of ``img``; 16-bit images are scaled (``v / 257``, rounded) rather than clipped.
+
+    Mode ``I`` (32-bit integers: how PIL decodes some 16-bit files) is taken as 16-bit, unless no
+    value exceeds 255 (8-bit data in a wide container, kept as it is)."""
     if img.mode in _SIXTEEN_BIT_MODES:
-        values = np.asarray(img, dtype=np.float64)  # mode "I" is how PIL decodes some 16-bit files
-        eight = np.clip(np.rint(values / 257.0), 0, 255).astype(np.uint8)
-        return Image.fromarray(eight, mode="L").convert("RGB")
+        values = np.asarray(img, dtype=np.float64)
+        if img.mode != "I" or values.max(initial=0) > 255:
+            values = values / 257.0
+        eight = np.clip(np.rint(values), 0, 255).astype(np.uint8)
+        return Image.fromarray(eight).convert("RGB")
     return img.convert("RGB")
 
 

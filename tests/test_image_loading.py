@@ -96,6 +96,16 @@ def test_16bit_png_is_scaled_to_8_bits_not_clipped(tmp_path):
     np.testing.assert_array_equal(rgb, np.repeat(expected[..., None], 3, axis=2))
 
 
+def test_32bit_integer_images_are_read_as_16_bit_unless_they_hold_8_bit_values(tmp_path):
+    ramp = np.arange(0, 256, 4, dtype=np.int32)[None].repeat(8, axis=0)  # (8, 64)
+    Image.fromarray(ramp * 257, mode="I").save(tmp_path / "wide16.tif")
+    Image.fromarray(ramp, mode="I").save(tmp_path / "wide8.tif")
+    for name in ("wide16.tif", "wide8.tif"):
+        with Image.open(tmp_path / name) as img:
+            assert img.mode == "I"
+        np.testing.assert_array_equal(load_rgb(tmp_path / name)[..., 1], ramp)
+
+
 def test_16bit_png_is_scaled_in_the_resized_cache(tmp_path):
     (tmp_path / "src").mkdir()
     expected = write_16bit_png(tmp_path / "src" / "deep.png")

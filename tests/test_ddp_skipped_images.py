@@ -48,7 +48,7 @@ if __name__ == "__main__":
     data = dict(batch_size=1, num_workers=0, resize_size=72, crop_size=64, on_bad_image="skip", check_images=False, val_fraction=0.0)
     model = FineGrainedClassifier(num_classes=2, backbone="resnet10t", img_size=64, stages=[4], head="linear", lr=0.01)
     trainer = L.Trainer(
-        accelerator="cpu", devices=2, strategy="ddp", max_epochs=2, logger=False, enable_checkpointing=False,
+        accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
     )
     trainer.fit(model, datamodule=ImageFolderDataModule(root, **data))
@@ -76,6 +76,6 @@ def test_a_rank_with_only_skipped_images_neither_hangs_nor_desyncs(tmp_path):
     assert result.returncode == 0, output[-3000:]
     ranks = dict((int(rank), (int(steps), float(w))) for rank, steps, w in re.findall(r"RANK (\d) STEPS (\d+) WEIGHTS (\S+)", output))
     assert sorted(ranks) == [0, 1] and ranks[0] == ranks[1], output[-3000:]  # same steps, same weights
-    assert ranks[0][0] == 4  # 2 epochs x 2 steps per rank: the empty step was taken, not skipped
+    assert ranks[0][0] == 2  # 2 steps per rank: the empty step was taken, not skipped
     val_loss, expected = map(float, re.search(r"VAL_LOSS (\S+) EXPECTED (\S+)", output).groups())
     assert abs(val_loss - expected) < 1e-4, output[-3000:]

@@ -187,9 +187,6 @@ def train_and_test(name: str, run: Run, out: Path, num_workers: int, epochs: int
         minutes=round(minutes, 1),
         checkpoint=str(Path(best).relative_to(REPO_ROOT)) if Path(best).is_relative_to(REPO_ROOT) else best,
         note=run.note,
-        # two-stage models: each stage's own test top-1 (test_acc is the merged prediction's)
-        test_stage1_acc=round(float(test["test/stage1_acc"]), 4) if "test/stage1_acc" in test else None,
-        test_stage2_acc=round(float(test["test/stage2_acc"]), 4) if "test/stage2_acc" in test else None,
     )
     (run_dir / "result.json").write_text(json.dumps(result, indent=1))
     return result

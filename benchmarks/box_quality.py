@@ -25,6 +25,7 @@ forward, as a ratio to one stage.
     nice -n 5 python benchmarks/box_quality.py --checkpoint linear=runs/real_photos/linear/best.ckpt \\
         --checkpoint mgff=runs/real_photos/mgff/best.ckpt
     python benchmarks/box_quality.py --split val ...      # the comparison that picks the default
+    ... --figure docs/figures/real_birds_localisation.png --figure-model "linear (fine-tuned)"   # the README figure
 """
 
 from __future__ import annotations
@@ -174,6 +175,33 @@ def cost_rows(num_classes: int, source_size: int) -> list[dict[str, Any]]:
     return rows
 
 
+@torch.no_grad()
+def save_figure(model: TwoStageClassifier, datamodule, path: str | Path, num_images: int = 5, split: str = "test", seed: int = 0) -> Path:
+    """A few birds of ``split`` (seeded): the response map, predicted (red) and official (green) boxes with their
+    IoU, and the crop stage 2 gets, cut from the source view (``crop_from='source'``), as a PNG for the README."""
+    from mgff.metrics.box_iou import paired_box_iou
+    from mgff.viz.dataset import sample_batch
+    from mgff.viz.localization import crop_titles, localization_panel
+
+    batch = sample_batch(datamodule, split, num_images=num_images, seed=seed)
+    images, source = batch["image"], batch.get("source")
+    crop = model.localize(images, source, boxes=batch["box"])
+    iou = paired_box_iou(crop.boxes, batch["box"].float())
+    names = [datamodule.class_names[y].split(".")[-1].replace("_", " ") for y in batch["label"].tolist()]
+    frame = source if model.hparams.crop_from == "source" else images
+    figure = localization_panel(
+        images, crop.response, crop.boxes, crop.crops, batch["box"], titles=[f"{n}\nIoU {v:.2f}" for n, v in zip(names, iou.tolist())],
+        crop_titles=crop_titles(crop.boxes, images.shape[-2:], frame.shape[-2:], model.hparams.crop_from, crop.crops.shape[-1]),
+        mean=datamodule.mean, std=datamodule.std,
+    )
+    figure.suptitle(f"features localiser ({model.hparams.feature_response}, map at {model.hparams.localize_size or images.shape[-1]} px): "
+                    "predicted box red, official box green; below, the crop stage 2 classifies", fontsize=8)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=72)
+    return path
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--split", choices=("val", "test"), default="test")
@@ -182,6 +210,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--limit", type=int, default=None, help="score only the first N images (quick checks)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-cost", action="store_true", help="skip the FLOP counts")
+    parser.add_argument("--figure", type=Path, help="also save a few test birds with map, boxes and crop (PNG) here")
+    parser.add_argument("--figure-model", default="imagenet (frozen)", help="weights name of the figure's model (a --checkpoint name + ' (fine-tuned)')")
+    parser.add_argument("--figure-response", default="energy", help="its features response")
     args = parser.parse_args(argv)
     if not DATA_ROOT.is_dir() or not WEIGHTS.is_file():
         raise SystemExit(f"needs {DATA_ROOT} and {WEIGHTS} (the shared real data and weights)")
@@ -201,6 +232,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     columns = [("localizer", "localiser", "s"), ("weights", "weights", "s"), ("map", "map computed at", "s"), ("miou", "mIoU", ".3f"), ("hit50", "hit@0.5", ".3f"), ("images", "images", "d")]
     print_table(f"Box quality on the {args.split} split ({time.perf_counter() - start:.0f} s)", columns, rows)
     result = {"split": args.split, "rows": rows}
+    if args.figure:
+        checkpoints = {f"{n} (fine-tuned)": p for n, _, p in (c.partition("=") for c in args.checkpoint)}
+        overrides = dict(localize_size=args.source_size, crop_from="source", feature_response=args.figure_response)
+        figure_model = features_model(datamodule.num_classes, checkpoints.get(args.figure_model), **overrides)
+        print(f"figure: {save_figure(figure_model, datamodule, args.figure)}")
     if not args.no_cost:
         cost = cost_rows(datamodule.num_classes, args.source_size)
         print_table("Cost per image (FLOPs, batch 1)", [("what", "what", "s"), ("gflops", "GFLOPs", ".3f"), ("ratio", "x one stage", ".2f"), ("params_m", "extra params (M)", ".1f")], cost)

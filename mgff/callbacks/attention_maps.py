@@ -13,7 +13,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from data_modules.transforms import IMAGENET_MEAN, IMAGENET_STD
 from mgff.metrics.box_iou import paired_box_iou
-from mgff.viz.localization import localization_panel
+from mgff.viz.localization import crop_titles, localization_panel
 
 
 class AttentionMapLogger(Callback):
@@ -147,13 +147,10 @@ class AttentionMapLogger(Callback):
 
     @staticmethod
     def _crop_titles(pl_module: L.LightningModule, boxes: torch.Tensor, images: torch.Tensor, source: torch.Tensor | None, side: int) -> list[str]:
-        """``"<w> x <h> px of the view|source -> <side> px"`` per crop: the box in the frame it is cut from."""
+        """The box of each crop in the frame it is cut from (the source view with ``crop_from='source'``)."""
         from_source = source is not None and getattr(pl_module.hparams, "crop_from", "view") == "source"
         frame = source if from_source else images
-        scale = boxes.new_tensor([frame.shape[-1] / images.shape[-1], frame.shape[-2] / images.shape[-2]]).repeat(2)
-        sizes = (boxes * scale)[:, 2:] - (boxes * scale)[:, :2]
-        where = "source" if from_source else "view"
-        return [f"{w:.0f} x {h:.0f} px of the {where}\n-> {side} px" for w, h in sizes.tolist()]
+        return crop_titles(boxes, images.shape[-2:], frame.shape[-2:], "source" if from_source else "view", side)
 
     @staticmethod
     def _normalization(trainer: L.Trainer) -> tuple[tuple[float, ...], tuple[float, ...]]:

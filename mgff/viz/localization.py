@@ -11,7 +11,7 @@ from torch import Tensor
 from data_modules.transforms import IMAGENET_MEAN, IMAGENET_STD
 from mgff.viz.drawing import GT_BOX_COLOR, PRED_BOX_COLOR, boxes_per_image, draw_box, grid_axes, show_image, to_display
 
-__all__ = ["response_overlay", "crop_panel", "localization_panel"]
+__all__ = ["response_overlay", "crop_panel", "localization_panel", "crop_titles"]
 
 
 def response_overlay(
@@ -133,3 +133,11 @@ def localization_panel(
         side = cut[i].shape[0]
         show_image(axes[1, i], cut[i], crop_titles[i] if crop_titles is not None else f"crop {side} x {cut[i].shape[1]} px")
     return fig
+
+
+def crop_titles(boxes: Tensor, view_size: Sequence[int], frame_size: Sequence[int], frame: str, side: int) -> list[str]:
+    """``"<w> x <h> px of the <frame>\\n-> <side> px"`` per box: the size of each ``(B, 4)`` box of an
+    ``(H, W)`` ``view_size`` view in the frame it is cut from (``frame_size``, same geometry), and the crop's side."""
+    scale = boxes.new_tensor([frame_size[-1] / view_size[-1], frame_size[-2] / view_size[-2]]).repeat(2)
+    sizes = (boxes.float() * scale)[:, 2:] - (boxes.float() * scale)[:, :2]
+    return [f"{w:.0f} x {h:.0f} px of the {frame}\n-> {side} px" for w, h in sizes.tolist()]

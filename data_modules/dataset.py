@@ -18,7 +18,7 @@ log = logging.getLogger("mgff")
 
 OnBadImage = Literal["raise", "skip"]
 
-__all__ = ["FineGrainedDataset", "OnBadImage", "collate_skip_none", "load_rgb"]
+__all__ = ["FineGrainedDataset", "OnBadImage", "collate_skip_none", "displayed_box", "load_rgb", "load_sample"]
 
 
 class FineGrainedDataset(Dataset):
@@ -79,11 +79,9 @@ class FineGrainedDataset(Dataset):
             log.warning("skipping bad image (on_bad_image=skip): %s", err)
             return None
         image = decoded.pixels
-        box = sample.box
-        if box is not None:
-            box = self._displayed_box(box, sample, decoded)
-            if self.crop_to_box and box is not None:
-                image, box = _crop_to_box(image, box)
+        box = self._displayed_box(sample, decoded)
+        if self.crop_to_box and box is not None:
+            image, box = _crop_to_box(image, box)
         tensor, new_box, *source = self.transform(image, box)
         item = {
             "image": tensor,
@@ -96,27 +94,53 @@ class FineGrainedDataset(Dataset):
             item["source"] = source[0]
         return item
 
-    def _displayed_box(self, box, sample: Sample, decoded: DecodedImage):
-        """The metadata box in pixels of ``decoded.pixels``: scaled from ``sample.size`` to the file's
-        stored size (a resized copy of the dataset), oriented by EXIF, clipped; ``None`` if empty.
-
-        Metadata whose size is the stored size turned by a 90-degree EXIF orientation was written in
-        the displayed frame: its box is taken as it is."""
-        if sample.size is not None and decoded.orientation >= 5 and tuple(sample.size) == tuple(decoded.stored_size)[::-1]:
-            return _clip_box(box, decoded.pixels)
-        if sample.size is not None and tuple(sample.size) != tuple(decoded.stored_size):
-            (meta_w, meta_h), (w, h) = sample.size, decoded.stored_size
-            sx, sy = w / meta_w, h / meta_h
-            box = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
+    def _displayed_box(self, sample: Sample, decoded: DecodedImage):
+        """:func:`displayed_box`, warning once (per dataset and loader worker) when it had to scale."""
+        if _metadata_size_differs(sample, decoded):
             self.resized_boxes += 1
-            if not self._warned_resized:  # once per dataset and loader worker
+            if not self._warned_resized:
                 self._warned_resized = True
+                (meta_w, meta_h), (w, h) = sample.size, decoded.stored_size
                 log.warning(
                     "image %s is %dx%d but the metadata says %dx%d: its box (and any other such image's) is scaled by the ratio",
                     sample.path, w, h, meta_w, meta_h,
                 )
-        box = orient_box(box, decoded.orientation, decoded.stored_size)
+        return displayed_box(sample, decoded)
+
+
+def load_sample(root: str | Path, sample: Sample, max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS):
+    """``(image, box)``: a sample's image ``(H, W, 3)`` uint8 as displayed and its box in those pixels
+    (``None`` without one), exactly as :class:`FineGrainedDataset` gets them before its transform --
+    what a figure that draws the metadata boxes needs. Raises :class:`BadImageError` naming the file."""
+    decoded = read_image(Path(root) / sample.path, max_image_pixels)
+    return decoded.pixels, displayed_box(sample, decoded)
+
+
+def displayed_box(sample: Sample, decoded: DecodedImage):
+    """``sample.box`` in pixels of ``decoded.pixels``: scaled from ``sample.size`` to the file's stored
+    size (a resized copy of the dataset), oriented by EXIF, clipped; ``None`` if absent or empty.
+
+    Metadata whose size is the stored size turned by a 90-degree EXIF orientation was written in the
+    displayed frame: its box is taken as it is."""
+    box = sample.box
+    if box is None:
+        return None
+    if sample.size is not None and decoded.orientation >= 5 and tuple(sample.size) == tuple(decoded.stored_size)[::-1]:
         return _clip_box(box, decoded.pixels)
+    if _metadata_size_differs(sample, decoded):
+        (meta_w, meta_h), (w, h) = sample.size, decoded.stored_size
+        sx, sy = w / meta_w, h / meta_h
+        box = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
+    box = orient_box(box, decoded.orientation, decoded.stored_size)
+    return _clip_box(box, decoded.pixels)
+
+
+def _metadata_size_differs(sample: Sample, decoded: DecodedImage) -> bool:
+    """The metadata gives a size that is neither the file's stored size nor (90-degree EXIF) its displayed one."""
+    if sample.size is None or sample.box is None:
+        return False
+    size, stored = tuple(sample.size), tuple(decoded.stored_size)
+    return size != stored and not (decoded.orientation >= 5 and size == stored[::-1])
 
 
 def _clip_box(box, image: np.ndarray):

@@ -176,7 +176,7 @@ def test_exif_rotated_jpeg_same_pixels_and_box_with_and_without_the_cache(cub_co
 def test_metadata_sizes_say_the_frame_of_their_box(tmp_path, cache_side, frame):
     """``Sample.size`` (NA-Birds' sizes.txt) in the stored frame (120x80) or the displayed one (80x120)
     of an EXIF-rotated photo: either way the box lands on the red patch."""
-    from data_modules.dataset import FineGrainedDataset
+    from data_modules.dataset import FineGrainedDataset, load_sample
     from data_modules.samples import Sample
 
     (tmp_path / "src").mkdir()
@@ -192,3 +192,6 @@ def test_metadata_sizes_say_the_frame_of_their_box(tmp_path, cache_side, frame):
         root, samples = cache.cache_dir, cache.cached_samples(samples)
     item = FineGrainedDataset(root, samples, identity)[0]
     np.testing.assert_allclose(item["box"].numpy(), red_extent(item["image"].numpy()), atol=1.5)
+    pixels, box = load_sample(root, samples[0])  # what a figure of the dataset draws
+    np.testing.assert_array_equal(pixels, item["image"].numpy())
+    np.testing.assert_allclose(box, item["box"].numpy(), atol=1e-4)

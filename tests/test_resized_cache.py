@@ -217,3 +217,13 @@ def test_stale_temporary_files_are_removed_on_every_run_but_fresh_ones_are_kept(
     os.utime(stale, (two_hours_ago, two_hours_ago))
     cache.prepare(cub_root, paths, progress=False)  # nothing left to do
     assert not stale.exists() and live.exists()
+
+
+def test_cache_of_an_older_format_is_refused_with_what_to_do(cub_root, tmp_path):
+    """Format 1 ignored EXIF orientation and clipped 16-bit images: its files would disagree with the originals."""
+    cache = ResizedImageCache(tmp_path / "old", SIDE)
+    cache.prepare(cub_root, _paths(cub_root)[:2], progress=False)
+    info = json.loads(cache.info_path.read_text())
+    cache.info_path.write_text(json.dumps({**info, "format": 1}))
+    with pytest.raises(CacheMismatchError, match=r"format 1, this version reads format 2 .*delete .*old"):
+        cache.prepare(cub_root, _paths(cub_root), progress=False)

@@ -82,7 +82,7 @@ def read_oxford_pets(root: Path) -> Splits:
     xml_dir = root / "annotations" / "xmls"
     splits = {
         split: [
-            Sample(path=f"images/{image}.jpg", label=label_of[class_id], box=read_pet_box(xml_dir / f"{image}.xml"))
+            Sample(f"images/{image}.jpg", label_of[class_id], *read_pet_xml(xml_dir / f"{image}.xml"))
             for image, class_id in split_rows
         ]
         for split, split_rows in rows.items()
@@ -99,14 +99,22 @@ def breed_name(image: str, where: str) -> str:
 
 
 def read_pet_box(path: Path) -> Box | None:
-    """The ``(x1, y1, x2, y2)`` pixel box of a PASCAL VOC XML file, or ``None`` if the file is absent.
+    """The ``(x1, y1, x2, y2)`` pixel box of a PASCAL VOC XML file, or ``None`` if the file is absent
+    (see :func:`read_pet_xml`)."""
+    return read_pet_xml(path)[0]
 
-    The first ``<object><bndbox>`` is used (the real files hold one). A file that does not parse, or
-    a box without the four numbers or with ``xmax <= xmin`` / ``ymax <= ymin``, raises
-    :class:`DatasetFormatError` naming the file.
+
+def read_pet_xml(path: Path) -> tuple[Box | None, tuple[int, int] | None]:
+    """``(box, size)`` of a PASCAL VOC XML file: the ``(x1, y1, x2, y2)`` pixel box and the
+    ``(width, height)`` of the image it was drawn on (``<size>``, ``None`` when absent; a resized
+    copy of the image then gets its box scaled by the ratio); ``(None, None)`` if the file is absent.
+
+    The first ``<object><bndbox>`` is used (the real files hold one). A file that does not parse, a
+    box without the four numbers or with ``xmax <= xmin`` / ``ymax <= ymin``, or a ``<size>`` that is
+    not two positive integers, raises :class:`DatasetFormatError` naming the file.
     """
     if not path.is_file():
-        return None
+        return None, None
     try:
         tree = ElementTree.parse(path)
     except ElementTree.ParseError as err:
@@ -124,7 +132,16 @@ def read_pet_box(path: Path) -> Box | None:
     x1, y1, x2, y2 = values
     if x2 <= x1 or y2 <= y1:
         raise DatasetFormatError(f"{path}: box must have xmax > xmin and ymax > ymin, got ({x1}, {y1}, {x2}, {y2})")
-    return (x1, y1, x2, y2)
+    size = None
+    if tree.getroot().find("size") is not None:
+        width, height = (tree.getroot().findtext(f"size/{tag}") for tag in ("width", "height"))
+        try:
+            size = (int(width), int(height))
+        except (TypeError, ValueError):
+            raise DatasetFormatError(f"{path}: <size> must hold integer <width> and <height>, got {width!r} x {height!r}") from None
+        if min(size) <= 0:
+            raise DatasetFormatError(f"{path}: <size> must be positive, got {size[0]} x {size[1]}")
+    return (x1, y1, x2, y2), size
 
 
 class OxfordPetsDataModule(FineGrainedDataModule):

@@ -6,8 +6,10 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from data_modules.dataset import load_rgb
 from data_modules.errors import DatasetFormatError, DatasetNotFoundError
@@ -194,4 +196,26 @@ def _box_xml(bndbox: str) -> str:
 def test_bad_xml_names_the_file(pets_copy, content, match):
     (pets_copy / "annotations" / "xmls" / "Crimson_Patched_4.xml").write_text(content)
     with pytest.raises(DatasetFormatError, match=match):
+        read_oxford_pets(pets_copy)
+
+
+def test_resized_copy_of_an_image_gets_its_box_scaled_by_the_xml_size(pets_copy):
+    sample = next(s for s in read_oxford_pets(pets_copy).train if s.box is not None)
+    with Image.open(pets_copy / sample.path) as img:
+        assert img.size == sample.size  # <size> of the XML
+        half = (img.width // 2, img.height // 2)
+        img.resize(half).save(pets_copy / sample.path, format="JPEG", quality=95)
+    dm = _dm(pets_copy)
+    dm.setup("fit")
+    dataset = dm.datasets["train"] if any(s.path == sample.path for s in dm.datasets["train"].samples) else dm.datasets["val"]
+    dataset.transform = lambda image, box: (torch.from_numpy(image.copy()), np.asarray(box, dtype=np.float32))
+    item = dataset[next(i for i, s in enumerate(dataset.samples) if s.path == sample.path)]
+    expected = np.asarray(sample.box) * np.asarray([half[0] / sample.size[0], half[1] / sample.size[1]] * 2)
+    np.testing.assert_allclose(item["box"].numpy(), expected, atol=1e-3)
+
+
+def test_xml_size_that_is_not_two_integers(pets_copy):
+    xml = next((pets_copy / "annotations" / "xmls").glob("*.xml"))
+    xml.write_text(xml.read_text().replace("<width>", "<width>wide", 1))
+    with pytest.raises(DatasetFormatError, match=r"<size> must hold integer <width> and <height>"):
         read_oxford_pets(pets_copy)

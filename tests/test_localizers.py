@@ -234,3 +234,14 @@ def test_two_stage_from_a_stage_one_checkpoint(tmp_path):
     torch.save({"hyper_parameters": dict(single.hparams), "state_dict": {}}, path)
     with pytest.raises(ValueError, match="lacks"):
         TwoStageClassifier.from_stage1_checkpoint(path)
+
+
+@pytest.mark.parametrize("head, response", [("mgff", "energy"), ("linear", "cam"), ("mgff", "attention")])
+def test_features_localization_under_bf16_autocast_trains(head, response):
+    torch.manual_seed(0)
+    model = TwoStageClassifier(localization="features", feature_response=response, head=head, **TINY)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, _, extras = model.forward_outputs(torch.randn(2, 3, 64, 64))
+    assert extras["box"].dtype == torch.float32 and torch.isfinite(extras["box"]).all()
+    logits["main"].float().logsumexp(-1).mean().backward()
+    assert model.backbone.model.conv1[0].weight.grad is not None

@@ -63,7 +63,7 @@ def class_activation_map(feature_map: Tensor, head: nn.Module, classes: Tensor) 
     if not isinstance(classifier, nn.Linear) or norm is None:
         raise ValueError(f"feature_response='cam' needs the linear head (head='linear'), got {type(head).__name__}")
     weights = classifier.weight[classes].float()  # (B, C)
-    return torch.einsum('bchw,bc->bhw', norm(feature_map).float(), weights)
+    return torch.einsum('bchw,bc->bhw', norm(feature_map.float()).float(), weights)
 
 
 def attention_received_map(attention: Sequence[Tensor | None], grid: tuple[int, int]) -> Tensor:
@@ -152,7 +152,7 @@ class FeatureLocalizer(nn.Module):
         """``maps`` of images of ``image_size = (H, W)`` -> ``response (B, H, W)`` in [0, 1] and
         ``boxes (B, 4)`` float32 xyxy in image pixels. Not differentiable (thresholds)."""
         with torch.no_grad(), torch.autocast(device_type=maps[-1].device.type, enabled=False):
-            grid = self.grid_response([m.detach() for m in maps], head, logits)
+            grid = self.grid_response([m.detach().float() for m in maps], head, logits)  # the head too runs in float32 here
             batch, h, w = grid.shape
             response = response_map(grid.reshape(batch, h * w), (h, w), tuple(image_size))
             boxes = boxes_from_response_map(response, self.threshold, self.box_mode, self.padding,

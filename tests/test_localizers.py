@@ -164,9 +164,8 @@ def test_features_localization_head_responses(head, response):
         found = model.localize(torch.randn(2, 3, 64, 64))
     assert found.response.shape == (2, 64, 64) and found.boxes.shape == (2, 4)
     other = "attention" if response == "cam" else "cam"
-    wrong = TwoStageClassifier(localization="features", feature_response=other, head=head, **TINY).eval()
-    with pytest.raises(ValueError, match=other):
-        wrong.localize(torch.randn(1, 3, 64, 64))
+    with pytest.raises(ValueError, match=f"feature_response='{other}'"):
+        TwoStageClassifier(localization="features", feature_response=other, head=head, **TINY)
 
 
 def test_features_localize_size_runs_one_more_pass_on_the_source_view():
@@ -205,6 +204,8 @@ def test_localization_options_are_checked():
         TwoStageClassifier(localization="saliency", **TINY)
     with pytest.raises(ValueError, match="cropper_trainable"):
         TwoStageClassifier(localization="features", cropper_trainable=True, **TINY)
+    with pytest.raises(ValueError, match="attention='mhsa'"):
+        TwoStageClassifier(localization="features", feature_response="attention", attention="hilo", **TINY)
 
 
 def test_layer_fusion_reaches_the_vit_cropper():

@@ -139,6 +139,12 @@ class TwoStageClassifier(FineGrainedClassifier):
             if localize_size is not None:
                 self.check_input_size(localize_size, "model.init_args.localize_size")  # the backbone runs at that side
             self.feature_localizer = FeatureLocalizer(feature_response, box_threshold, box_mode, box_padding, min_box_size)
+            if feature_response == "cam" and hp.head != "linear":
+                raise ValueError(f"model.feature_response='cam' reads the linear head's weights: set model.head='linear' (got {hp.head!r})")
+            if feature_response == "attention" and not (hp.head == "mgff" and hp.use_attention and hp.attention == "mhsa"):
+                raise ValueError("model.feature_response='attention' reads the MGFF head's global attention: needs head='mgff', "
+                                 f"use_attention=true, attention='mhsa' (got head={hp.head!r}, use_attention={hp.use_attention}, "
+                                 f"attention={hp.attention!r})")
         self._compiled_stage1 = None
         self.crop_size = crop_size or hp.img_size or 384
         self._warned_unused_source = False

@@ -1,7 +1,8 @@
 """Fine-tune the shared ImageNet EfficientNet-Lite0 on real CUB photos, one named run per head.
 
 The one runner for every real-photo comparison of the project. Every run uses the same seed, data
-split, epochs, optimiser and input normalisation; a run is a model class plus overrides of
+split, epochs, optimiser and input normalisation (the heads table also the same lr; ``linear_head10x`` is the
+linear head at the held-back 10x head lr); a run is a model class plus overrides of
 :data:`COMMON`, one entry of :data:`RUNS` (adding a run is adding an entry). For each run it
 
 - fine-tunes at 224 px (resize 256 -> random crop 224, flip; centre crop at evaluation) on the
@@ -51,8 +52,8 @@ WEIGHTS = SHARED / "weights" / "efficientnet_lite0_imagenet.safetensors"
 DEFAULT_OUT = REPO_ROOT / "runs" / "real_photos"
 WEIGHTS_MEAN = WEIGHTS_STD = (0.5, 0.5, 0.5)
 
-# the settings every run shares (the issue's held-back measurement: SGD lr 0.01, head x10, 6 epochs,
-# batch 32, seed 0, EfficientNet-Lite0 stages 2-4 at 224 px)
+# the settings every run shares: the issue's held-back measurement (SGD lr 0.01, momentum 0.9, head at
+# 10x, 6 epochs, batch 32, seed 0, EfficientNet-Lite0 stages 2-4 at 224 px)
 SEED = 0
 EPOCHS = 6
 DATA = dict(batch_size=32, resize_size=256, crop_size=224, val_fraction=0.2, split_seed=0, cache_size=256)
@@ -83,12 +84,18 @@ class Run:
 
 
 CLASSIFIER = "mgff.lit.FineGrainedClassifier"
+# The heads table (issue 12 §4) uses one lr for every parameter, as the paper does ("初始学习率为2e−4",
+# one initial lr): with the head at 10x the MGFF head diverged (with its LayerNorm readout: train loss
+# 4.8 -> 23 within the first epoch) or stayed near chance (without it; BENCHMARKS.md). ``linear_head10x``
+# is the linear head at the held-back setting, for reference.
+ONE_LR = dict(head_lr_scale=1.0)
 RUNS: dict[str, Run] = {
-    "linear": Run(CLASSIFIER, dict(head="linear"), "norm + pool + linear on the last map (conv_head/bn2, 1280 ch)"),
-    "mgff": Run(CLASSIFIER, dict(head="mgff"), "full MGFF head: align + MHSA + SE + GCN + super-node pooling"),
-    "mgff_no_attention": Run(CLASSIFIER, dict(head="mgff", use_attention=False), "MGFF without spatial attention"),
-    "mgff_no_se": Run(CLASSIFIER, dict(head="mgff", use_se=False), "MGFF without SE"),
-    "mgff_no_gcn": Run(CLASSIFIER, dict(head="mgff", use_gcn=False), "MGFF without GCN/pooling (mean over nodes)"),
+    "linear": Run(CLASSIFIER, dict(ONE_LR, head="linear"), "norm + pool + linear on the last map (conv_head/bn2, 1280 ch)"),
+    "linear_head10x": Run(CLASSIFIER, dict(head="linear"), "linear, head at 10x lr (the held-back setting)"),
+    "mgff": Run(CLASSIFIER, dict(ONE_LR, head="mgff"), "full MGFF head: align + MHSA + SE + GCN + super-node pooling"),
+    "mgff_no_attention": Run(CLASSIFIER, dict(ONE_LR, head="mgff", use_attention=False), "MGFF without spatial attention"),
+    "mgff_no_se": Run(CLASSIFIER, dict(ONE_LR, head="mgff", use_se=False), "MGFF without SE"),
+    "mgff_no_gcn": Run(CLASSIFIER, dict(ONE_LR, head="mgff", use_gcn=False), "MGFF without GCN/pooling (mean over nodes)"),
 }
 # issue 13 §4: single-stage vs two-stage (the `features` localiser) vs two-stage with the ground-truth box
 # (oracle), stage 2 cut from stage 1's 224 px view or from the same view at 448 px (§3); all on the same

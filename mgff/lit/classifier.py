@@ -79,12 +79,6 @@ class FineGrainedClassifier(L.LightningModule):
             paper's reading is ``stage_inputs: [1, 2, 3]`` with ``stages: [3]`` (see ``mgff/models/fusion.py``).
         align_last: the MGFF head's conv on the last map; ``false`` feeds it as it is (the paper's
             "最后一层除外"), then ``fusion_dim`` must equal its channels.
-        scheduler_interval: ``epoch`` (the paper: "调整每轮的学习率", the lr is set once per epoch) or ``step``
-            (the cosine and warmup advance every step).
-        stage_inputs: backbone stages whose input map (after their patch merging) is also fused; the
-            paper's reading is ``stage_inputs: [1, 2, 3]`` with ``stages: [3]`` (see ``mgff/models/fusion.py``).
-        align_last: the MGFF head's conv on the last map; ``false`` feeds it as it is (the paper's
-            "最后一层除外"), then ``fusion_dim`` must equal its channels.
         channels_last: run the backbone in channels-last memory format (faster convs on GPU).
         compile: ``torch.compile`` the network's forward.
     """
@@ -132,9 +126,6 @@ class FineGrainedClassifier(L.LightningModule):
         scheduler_interval: Literal["epoch", "step"] = "epoch",
         stage_inputs: Sequence[int] = (),
         align_last: bool = True,
-        scheduler_interval: Literal["epoch", "step"] = "epoch",
-        stage_inputs: Sequence[int] = (),
-        align_last: bool = True,
         channels_last: bool = False,
         compile: bool = False,
     ) -> None:
@@ -177,18 +168,6 @@ class FineGrainedClassifier(L.LightningModule):
             )
 
     # ----- network ------------------------------------------------------------------------------
-    def build_backbone(self) -> TimmBackbone:
-        """The timm backbone returning the maps the head fuses (``stages``, ``stage_inputs``), from the hparams."""
-        hp = self.hparams
-        return TimmBackbone(
-            hp.backbone,
-            out_indices=tuple(hp.stages),
-            pretrained=hp.pretrained,
-            img_size=hp.img_size,
-            stage_inputs=tuple(hp.get("stage_inputs", ())),
-            **(hp.backbone_kwargs or {}),
-        )
-
     def build_backbone(self) -> TimmBackbone:
         """The timm backbone returning the maps the head fuses (``stages``, ``stage_inputs``), from the hparams."""
         hp = self.hparams

@@ -70,6 +70,17 @@ def evaluate(models: dict[str, torch.nn.Module], loader) -> dict[str, dict[str, 
     return result, torch.cat(labels), torch.cat(gt)
 
 
+def merged_logits(parts: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The ``mean_prob`` merge (the model's default): log of the mean of the two stages' probabilities."""
+    return ((parts["stage1"].softmax(-1) + parts["stage2"].softmax(-1)) / 2).log()
+
+
+def interval(correct_a: torch.Tensor, correct_b: torch.Tensor) -> str:
+    """``acc(b) - acc(a)`` with its paired bootstrap 95 % interval, as text."""
+    d, low, high = real_photos.paired_bootstrap(correct_a.numpy(), correct_b.numpy())
+    return f"{d:+.3f} [{low:+.3f}, {high:+.3f}]"
+
+
 def summarise(parts: dict[str, torch.Tensor], labels: torch.Tensor, gt: torch.Tensor) -> dict[str, float]:
     acc = lambda logits: float((logits.argmax(-1) == labels).float().mean())  # noqa: E731
     p1, p2 = parts["stage1"].softmax(-1), parts["stage2"].softmax(-1)
@@ -109,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     parts, labels, gt = evaluate(models, data.test_dataloader())
     minutes = (time.perf_counter() - start) / 60
     rows = {name: summarise(p, labels, gt) for name, p in parts.items()}
-    (args.out / "two_stage_with_single_weights.json").write_text(json.dumps(dict(checkpoint=str(args.checkpoint), images=len(labels), rows=rows), indent=1))
+    (args.out / f"two_stage_eval_{args.checkpoint.parent.name}.json").write_text(json.dumps(dict(checkpoint=str(args.checkpoint), images=len(labels), rows=rows), indent=1))
     print(describe_machine(machine_info(torch.device("cpu"))))
     print(f"Command: python benchmarks/real_photos_two_stage.py {' '.join(argv if argv is not None else sys.argv[1:])}".strip())
     print(f"{len(labels)} test photos, weights of {args.checkpoint}, {minutes:.1f} min\n")
@@ -118,6 +129,18 @@ def main(argv: list[str] | None = None) -> None:
     for name, r in rows.items():
         print(f"| {name} | {r['stage1']:.3f} | {r['stage2']:.3f} | {r['mean_prob']:.3f} | {r['sum_logits']:.3f} | {r['box_miou']:.3f} | "
               f"{r['box_hit50']:.3f} | {r['stage2_on_hits']:.3f} / {r['stage2_on_misses']:.3f} | {r['box_area']:.2f} |")
+    right = {name: {"stage1": p["stage1"].argmax(-1) == labels, "stage2": p["stage2"].argmax(-1) == labels,
+                    "merged": merged_logits(p).argmax(-1) == labels} for name, p in parts.items()}
+    print("\nPaired differences on the same test photos (bootstrap 95 % interval):")
+    for name in right:
+        print(f"- {name}: merged - stage 1 {interval(right[name]['stage1'], right[name]['merged'])}")
+    for a, b in (("ts_features_view", "ts_features_source"), ("ts_oracle_view", "ts_oracle_source")):
+        if a in right and b in right:
+            print(f"- {b} - {a}: stage 2 {interval(right[a]['stage2'], right[b]['stage2'])}, merged {interval(right[a]['merged'], right[b]['merged'])}")
+    for a, b in (("ts_features_source", "ts_oracle_source"), ("ts_features_view", "ts_oracle_view")):
+        if a in right and b in right:
+            print(f"- {b} - {a}: merged {interval(right[a]['merged'], right[b]['merged'])}")
+    torch.save({"labels": labels, "gt": gt, "parts": parts}, args.out / f"two_stage_eval_{args.checkpoint.parent.name}.pt")
 
 
 if __name__ == "__main__":

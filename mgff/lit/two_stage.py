@@ -57,9 +57,10 @@ class TwoStageClassifier(FineGrainedClassifier):
             the ViT's attention), ``features`` (a response map of the stage-1 network itself,
             :mod:`mgff.models.cropper.feature_localizer`), or ``ground_truth`` (the batch's box; an oracle that
             needs boxes in every batch).
-        feature_response: the ``features`` response map: ``energy`` (channel sum of the last map, AOLM-like),
-            ``cam`` (class activation map of the linear head) or ``attention`` (attention the MGFF head's
-            positions receive).
+        feature_response: the ``features`` response map: ``energy`` (channel sum of the last map, AOLM-like;
+            the default: it localised real birds best, BENCHMARKS.md "Real photos: localisation"), ``cam``
+            (class activation map of the linear head) or ``attention`` (attention the MGFF head's positions
+            receive).
         head_fusion: how attention heads are fused: ``mean``, ``max`` or ``min``.
         discard_ratio: share of the weakest attention dropped in rollout.
         layer_fusion: how ``column_sum`` combines the ViT's layers: ``product`` or ``mean``.

@@ -38,11 +38,12 @@ VARIANTS = ("ts_features_view", "ts_features_source", "ts_oracle_view", "ts_orac
 DEFAULT_OUT = real_photos.DEFAULT_OUT.parent / "real_photos_two_stage"
 
 
-def load_models(checkpoint: Path, data) -> dict[str, torch.nn.Module]:
-    """Each variant's two-stage model (as the runner builds it) with the single-stage checkpoint's weights."""
+def load_models(checkpoint: Path, data, variants=VARIANTS) -> dict[str, torch.nn.Module]:
+    """Each variant's two-stage model (as the runner builds it) with the checkpoint's weights (a single-stage
+    run's, or a two-stage run's with a shared classifier: the same keys)."""
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
     models = {}
-    for name in VARIANTS:
+    for name in variants:
         run = real_photos.RUNS[name]
         model = real_photos.import_class(run.model_class)(**real_photos.model_kwargs(run, data)).eval()
         missing, unexpected = model.load_state_dict(state, strict=False)
@@ -105,6 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--checkpoint", type=Path, default=DEFAULT_OUT / "ts_single" / "best.ckpt")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"some of {','.join(VARIANTS)}")
     parser.add_argument("--limit", type=int, default=None, help="first N test images only (a quick check)")
     args = parser.parse_args(argv)
     if not real_photos.DATA_ROOT.is_dir() or not args.checkpoint.is_file():
@@ -115,7 +117,11 @@ def main(argv: list[str] | None = None) -> None:
     data.setup("test")
     if args.limit:
         data.datasets["test"].samples = data.datasets["test"].samples[: args.limit]
-    models = load_models(args.checkpoint, data)
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variant(s) {unknown}; known: {VARIANTS}")
+    models = load_models(args.checkpoint, data, variants)
     start = time.perf_counter()
     parts, labels, gt = evaluate(models, data.test_dataloader())
     minutes = (time.perf_counter() - start) / 60

@@ -140,3 +140,23 @@ def test_cli_links_data_normalisation(cub_root, tmp_path):
     cli = MGFFCLI(args=args, run=False)
     torch.testing.assert_close(cli.model.input_norm.data_std.flatten(), torch.full((3,), 0.25))
     torch.testing.assert_close(cli.model.cropper_norm.data_mean.flatten(), torch.full((3,), 0.5))
+
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+ALBATROSS = SHARED / "realdata" / "CUB_200_2011_first25" / "images" / "001.Black_footed_Albatross" / "Black_Footed_Albatross_0001_796111.jpg"
+LITE0 = SHARED / "weights" / "efficientnet_lite0_imagenet.safetensors"
+
+
+@pytest.mark.skipif(not (ALBATROSS.is_file() and LITE0.is_file()), reason="needs ../shared (real CUB photo and EfficientNet-Lite0 weights)")
+def test_real_weights_see_the_bird_only_with_their_own_normalisation():
+    """The shared TF-Lite weights expect 0.5/0.5: fed the DataModule's ImageNet-normalised view as it is,
+    they are less sure of the albatross (ImageNet class 146) than through the conversion."""
+    net = timm.create_model("efficientnet_lite0", pretrained=True, pretrained_cfg_overlay=dict(file=str(LITE0))).eval()
+    photo = np.asarray(Image.open(ALBATROSS).convert("RGB"))
+    view, _ = apply_transform(build_eval_transform(224, 224, IMAGENET_MEAN, IMAGENET_STD), photo, None)
+    norm = InputNormalization(net, "model.backbone", IMAGENET_MEAN, IMAGENET_STD, HALF, HALF, pretrained=str(LITE0))
+    with torch.no_grad():
+        converted = net(norm(view[None])).softmax(-1)[0]
+        as_is = net(view[None]).softmax(-1)[0]
+    assert converted.argmax() == 146 and converted[146] > 0.9
+    assert as_is[146] < converted[146] - 0.1

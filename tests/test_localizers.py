@@ -246,3 +246,25 @@ def test_features_localization_under_bf16_autocast_trains(head, response):
     assert extras["box"].dtype == torch.float32 and torch.isfinite(extras["box"]).all()
     logits["main"].float().logsumexp(-1).mean().backward()
     assert model.backbone.model.conv1[0].weight.grad is not None
+
+
+def test_box_metric_is_computed_on_a_rank_that_saw_no_box_when_another_rank_did(monkeypatch):
+    """Under DDP ``BoxIoU.compute`` is collective: a rank whose whole epoch was skipped images (no
+    update) must still call it once any rank saw a box, else the other ranks wait for it forever."""
+    from types import SimpleNamespace
+
+    model = TwoStageClassifier(localization="features", **TINY)
+    decisions = []
+
+    def any_rank(decision, all=True):
+        decisions.append((decision, all))
+        return True  # another rank saw boxes
+
+    strategy = SimpleNamespace(reduce_boolean_decision=any_rank)
+    monkeypatch.setattr(TwoStageClassifier, "trainer", property(lambda self: SimpleNamespace(strategy=strategy)))
+    computed = []
+    metric = model.box_iou["val"]
+    monkeypatch.setattr(metric, "compute", lambda: computed.append(1) or {"miou": torch.tensor(float("nan")), "hit_rate": torch.tensor(float("nan"))})
+    model._log_box_iou("val")
+    assert decisions == [(False, False)]  # this rank had no update and asked whether any rank had one
+    assert computed == [1]

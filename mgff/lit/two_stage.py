@@ -8,6 +8,7 @@ an oracle); all send a response map through the same map -> box -> crop code (``
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
@@ -320,9 +321,13 @@ class TwoStageClassifier(FineGrainedClassifier):
 
     def _log_box_iou(self, split: str) -> None:
         metric = self.box_iou[split]
-        if not metric.update_called:
+        # compute() is collective under DDP: every rank must call it once any rank saw a box, also a
+        # rank whose every image of the epoch was a skipped bad file (it would otherwise hang the rest)
+        if not self.trainer.strategy.reduce_boolean_decision(metric.update_called, all=False):
             return
-        values = metric.compute()  # reduced over ranks; NaN when no image had a ground-truth box
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*compute.*before.*update.*")
+            values = metric.compute()  # reduced over ranks; NaN when no image had a ground-truth box
         if not torch.isnan(values["miou"]):
             self.log(f"{split}/box_miou", values["miou"])
             self.log(f"{split}/box_hit50", values["hit_rate"])

@@ -20,8 +20,8 @@ Departure in step 7: the paper averages the super-nodes and applies "a linear cl
 ("使用线性分类器"); a LayerNorm sits between them here (``readout_norm``), as timm's heads put a norm
 before their classifier. Without it the averaged vector is small (each GCN layer and the two means
 shrink it) and, under SGD, the classifier's effective step scales with the squared norm of its input:
-on real CUB photos the fine-tuned head stayed at chance (val top-1 0.19 after one epoch, the linear
-head 0.61, BENCHMARKS.md).
+on real CUB photos, with the head at 10x lr, it stayed near chance (val top-1 0.19 after one epoch,
+the linear head 0.61; BENCHMARKS.md, which also shows that with the norm the head needs a lower lr).
 
 **Which maps: the paper's words and this reading.** The seed (§1.4.2) says:
 "需要将每一层变换为每个特征的统一尺寸(最后一层除外)... 总共需要处理三个特征图。它们的大小分别为

@@ -96,6 +96,9 @@ RUNS: dict[str, Run] = {
     "mgff_no_attention": Run(CLASSIFIER, dict(ONE_LR, head="mgff", use_attention=False), "MGFF without spatial attention"),
     "mgff_no_se": Run(CLASSIFIER, dict(ONE_LR, head="mgff", use_se=False), "MGFF without SE"),
     "mgff_no_gcn": Run(CLASSIFIER, dict(ONE_LR, head="mgff", use_gcn=False), "MGFF without GCN/pooling (mean over nodes)"),
+    # diagnosis: can the MGFF head take the 10x head lr with a warmup?
+    "mgff_head10x": Run(CLASSIFIER, dict(head="mgff"), "MGFF, head at 10x lr, no warmup"),
+    "mgff_head10x_warmup": Run(CLASSIFIER, dict(head="mgff", warmup_epochs=1.0), "MGFF, head at 10x lr, 1 warmup epoch"),
 }
 # issue 13 §4: single-stage vs two-stage (the `features` localiser) vs two-stage with the ground-truth box
 # (oracle), stage 2 cut from stage 1's 224 px view or from the same view at 448 px (§3); all on the same

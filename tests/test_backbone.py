@@ -240,3 +240,17 @@ def test_models_without_forward_intermediates_fall_back_to_features_only(name, t
     # features_only renamed stages.2 to stages_2; the file still loaded through timm.
     loaded = dict(backbone.model.named_parameters())
     assert torch.equal(loaded["stages_2.conv.weight"], source.stages[2].conv.weight)
+
+
+def test_features_only_backbone_builds_from_a_checkpoint_without_its_initial_weights_file(tmp_path):
+    """Loading a checkpoint never reads the initial weights: a features_only backbone (no
+    forward_intermediates) whose ``pretrained`` file is gone still builds inside skip_pretrained_weights."""
+    from mgff.models.pretrained import skip_pretrained_weights
+
+    missing = tmp_path / "moved_away.pth"
+    with pytest.raises(FileNotFoundError, match="moved_away"):
+        TimmBackbone("mgff_test_stages_nchw", pretrained=str(missing))
+    with skip_pretrained_weights():
+        backbone = TimmBackbone("mgff_test_stages_nchw", pretrained=str(missing))
+    assert not backbone.uses_intermediates
+    _check_maps(backbone, 64)

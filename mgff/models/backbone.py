@@ -39,7 +39,7 @@ from timm.models._features import feature_take_indices
 from timm.models.efficientnet import EfficientNet
 from torch import Tensor, nn
 
-from mgff.models.pretrained import create_timm_model
+from mgff.models.pretrained import create_timm_model, pretrained_weights_skipped
 
 __all__ = ["TimmBackbone"]
 
@@ -168,7 +168,8 @@ class TimmBackbone(nn.Module):
         cls, name: str, pretrained: bool | str, out_indices: Sequence[int], **kwargs
     ) -> nn.Module:
         kwargs.update(features_only=True, out_indices=tuple(out_indices))
-        if pretrained is None or isinstance(pretrained, bool):
+        if pretrained is None or isinstance(pretrained, bool) or pretrained_weights_skipped():
+            # (loading from a checkpoint: the initial weights file may be gone, and is not read)
             return cls._create(name, bool(pretrained), **kwargs)
         path = Path(pretrained)
         if not path.is_file():

@@ -5,7 +5,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from mgff.models.cropper.boxes import BOX_MODES, boxes_from_response_map
+from mgff.models.cropper.boxes import boxes_from_response_map, check_box_options
 from mgff.models.cropper.choices import check_choice
 from mgff.models.cropper.crops import CropOutput, crop_and_resize
 from mgff.models.cropper.importance import (
@@ -70,16 +70,10 @@ class AttentionCropper(nn.Module):
         super().__init__()
         check_choice('method', method, IMPORTANCE_METHODS)
         check_choice('head_fusion', head_fusion, HEAD_FUSIONS)
-        check_choice('box_mode', box_mode, BOX_MODES)
         check_choice('layer_fusion', layer_fusion, LAYER_FUSIONS)
         if not 0.0 <= discard_ratio < 1.0:
             raise ValueError(f'discard_ratio must lie in [0, 1), got {discard_ratio}')
-        if not (threshold == 'mean' or (isinstance(threshold, float) and 0.0 < threshold < 1.0)):
-            raise ValueError(f"threshold must be 'mean' or a float quantile in (0, 1), got {threshold!r}")
-        if padding < 0:
-            raise ValueError(f'padding must be >= 0, got {padding}')
-        if not 0.0 <= min_size <= 1.0:
-            raise ValueError(f'min_size must lie in [0, 1], got {min_size}')
+        check_box_options(box_mode, threshold, padding, min_size)
         if out_size < 1:
             raise ValueError(f'out_size must be a positive int, got {out_size}')
         if num_classes < 0:

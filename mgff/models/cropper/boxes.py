@@ -9,7 +9,7 @@ from torch import Tensor
 
 from mgff.models.cropper.choices import check_choice
 
-__all__ = ['BOX_MODES', 'connected_components', 'boxes_from_response_map']
+__all__ = ['BOX_MODES', 'check_box_options', 'connected_components', 'boxes_from_response_map']
 
 BOX_MODES = ('largest', 'all')
 
@@ -167,3 +167,14 @@ def boxes_from_response_map(
     cx = torch.clamp((x1 + x2) / 2, min=box_w / 2, max=width - box_w / 2)
     cy = torch.clamp((y1 + y2) / 2, min=box_h / 2, max=height - box_h / 2)
     return torch.stack([cx - box_w / 2, cy - box_h / 2, cx + box_w / 2, cy + box_h / 2], dim=1)
+
+
+def check_box_options(box_mode: str, threshold, padding: float, min_size: float) -> None:
+    """Check the map -> box options every localiser shares (see :func:`boxes_from_response_map`)."""
+    check_choice('box_mode', box_mode, BOX_MODES)
+    if not (threshold == 'mean' or (isinstance(threshold, float) and 0.0 < threshold < 1.0)):
+        raise ValueError(f"threshold must be 'mean' or a float quantile in (0, 1), got {threshold!r}")
+    if padding < 0:
+        raise ValueError(f'padding must be >= 0, got {padding}')
+    if not 0.0 <= min_size <= 1.0:
+        raise ValueError(f'min_size must lie in [0, 1], got {min_size}')

@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from mgff.models.cropper.boxes import BOX_MODES, boxes_from_response_map
+from mgff.models.cropper.boxes import boxes_from_response_map, check_box_options
 from mgff.models.cropper.choices import check_choice
 from mgff.models.cropper.response import response_map
 
@@ -107,13 +107,7 @@ class FeatureLocalizer(nn.Module):
     ):
         super().__init__()
         check_choice('feature_response', response, FEATURE_RESPONSES)
-        check_choice('box_mode', box_mode, BOX_MODES)
-        if not (threshold == 'mean' or (isinstance(threshold, float) and 0.0 < threshold < 1.0)):
-            raise ValueError(f"threshold must be 'mean' or a float quantile in (0, 1), got {threshold!r}")
-        if padding < 0:
-            raise ValueError(f'padding must be >= 0, got {padding}')
-        if not 0.0 <= min_size <= 1.0:
-            raise ValueError(f'min_size must lie in [0, 1], got {min_size}')
+        check_box_options(box_mode, threshold, padding, min_size)
         self.response = response
         self.threshold = threshold
         self.box_mode = box_mode

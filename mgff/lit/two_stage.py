@@ -248,7 +248,7 @@ class TwoStageClassifier(FineGrainedClassifier):
         """
         size = tuple(images.shape[-2:])
         if self.cropper is not None:
-            found = self.cropper(self.cropper_norm(images))
+            found = self.cropper.locate(self.cropper_norm(images))  # the crop is cut below, from the data
         elif self.feature_localizer is not None:
             found = self.localize_from_features(images, stage1, source)
         else:

@@ -133,6 +133,12 @@ class AttentionCropper(nn.Module):
 
     def forward(self, images: Tensor) -> CropOutput:
         """``(B, 3, H, W)`` images (normalised as the ViT expects) -> :class:`CropOutput`."""
+        found = self.locate(images)
+        return found._replace(crops=crop_and_resize(images, found.boxes, self.out_size))
+
+    def locate(self, images: Tensor) -> CropOutput:
+        """:meth:`forward` without cutting the crops (``crops`` is ``None``): for a caller that cuts them
+        from another image (the two-stage model cuts from the data-normalised view or the source view)."""
         if images.ndim != 4:
             raise ValueError(f'images must be (B, C, H, W), got {tuple(images.shape)}')
         height, width = images.shape[-2:]
@@ -152,8 +158,7 @@ class AttentionCropper(nn.Module):
             # labelling's cost grows with the area times the regions' length
             boxes = boxes_from_response_map(response, self.threshold, self.box_mode, self.padding,
                                             self.min_size, label_size=self.grid)
-        crops = crop_and_resize(images, boxes, self.out_size)
-        return CropOutput(crops, boxes, response, logits)
+        return CropOutput(None, boxes, response, logits)
 
     def extra_repr(self) -> str:
         return (f'localize_size={self.localize_size}, out_size={self.out_size}, method={self.method!r}, '

@@ -42,7 +42,8 @@ class CropOutput(NamedTuple):
     """What :class:`AttentionCropper` returns.
 
     Attributes:
-        crops: ``(B, 3, S, S)`` object crops from the full-resolution input, in its dtype.
+        crops: ``(B, 3, S, S)`` object crops from the full-resolution input, in its dtype (``None`` from
+            :meth:`AttentionCropper.locate`).
         boxes: ``(B, 4)`` float32 xyxy boxes in input-image pixels.
         response: ``(B, H, W)`` float32 response maps in ``[0, 1]`` at the input size.
         logits: ``(B, num_classes)`` from the ViT's head, or ``None`` without one.

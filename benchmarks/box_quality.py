@@ -85,11 +85,11 @@ def features_model(num_classes: int, checkpoint: str | Path | None = None, **ove
 
 
 def responses_for(model: TwoStageClassifier) -> list[str]:
-    """The ``features`` responses the model allows: ``energy`` only for the frozen ImageNet weights (their
-    head is untrained), else also ``cam`` (linear head) or ``attention`` (MGFF head)."""
+    """The ``features`` responses the model allows: ``refined`` and ``energy`` only for the frozen ImageNet
+    weights (their head is untrained), else also ``cam`` (linear head) or ``attention`` (MGFF head)."""
     if model.hparams.pretrained:  # built from the weights file, not from a fine-tuned checkpoint
-        return ["energy"]
-    return ["energy", "cam"] if model.hparams.head == "linear" else ["energy", "attention"]
+        return ["refined", "energy"]
+    return ["refined", "energy", "cam"] if model.hparams.head == "linear" else ["refined", "energy", "attention"]
 
 
 def centred_boxes(batch: int, size: tuple[int, int], fraction: float) -> torch.Tensor:
@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--no-cost", action="store_true", help="skip the FLOP counts")
     parser.add_argument("--figure", type=Path, help="also save a few test birds with map, boxes and crop (PNG) here")
     parser.add_argument("--figure-model", default="imagenet (frozen)", help="weights name of the figure's model (a --checkpoint name + ' (fine-tuned)')")
-    parser.add_argument("--figure-response", default="energy", help="its features response")
+    parser.add_argument("--figure-response", default="refined", help="its features response")
     args = parser.parse_args(argv)
     if not DATA_ROOT.is_dir() or not WEIGHTS.is_file():
         raise SystemExit(f"needs {DATA_ROOT} and {WEIGHTS} (the shared real data and weights)")

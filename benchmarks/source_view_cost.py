@@ -78,8 +78,7 @@ def crop_ms(batch: int, crop: int, source_size: int, repeats: int) -> tuple[floa
     """CPU ms per image of stage 2's crop (one roi_align on the batch) from the view and from the source."""
     from mgff.lit import TwoStageClassifier
 
-    tiny = dict(backbone="resnet10t", img_size=crop, stages=[2, 3, 4], head="linear", cropper="vit_tiny_patch16_224",
-                cropper_kwargs={"depth": 1, "embed_dim": 32, "num_heads": 2}, localize_size=crop, crop_size=crop)
+    tiny = dict(backbone="resnet10t", img_size=crop, stages=[2, 3, 4], head="linear", crop_size=crop)  # features: no ViT
     view = torch.randn(batch, 3, crop, crop)
     source = torch.randint(0, 256, (batch, 3, source_size, source_size), dtype=torch.uint8)
     boxes = torch.tensor([[crop * 0.2, crop * 0.25, crop * 0.7, crop * 0.75]]).repeat(batch, 1)

@@ -23,7 +23,7 @@ from mgff.lit import FineGrainedClassifier, TwoStageClassifier
 from mgff.lit.checkpoint import UntrustedCheckpointError, class_order_map
 
 TINY = dict(backbone="resnet10t", img_size=64, stages=[4], head="linear")
-TINY_CROPPER = dict(cropper="vit_tiny_patch16_224", cropper_kwargs={"depth": 1, "embed_dim": 48, "num_heads": 2}, localize_size=64, crop_size=64)
+TINY_CROPPER = dict(localization="rollout", cropper="vit_tiny_patch16_224", cropper_kwargs={"depth": 1, "embed_dim": 48, "num_heads": 2}, localize_size=64, crop_size=64)
 NAMES = ["a", "b", "c"]
 
 

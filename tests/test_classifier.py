@@ -12,7 +12,7 @@ from mgff.lit import FineGrainedClassifier, TwoStageClassifier
 from mgff.lit.optim import warmup_cosine
 
 TINY = dict(backbone="resnet10t", img_size=64, stages=[2, 3, 4], fusion_dim=32, num_heads=2, num_super_nodes=3)
-TINY_CROPPER = dict(cropper="vit_tiny_patch16_224", cropper_kwargs={"depth": 2, "embed_dim": 48, "num_heads": 2}, localize_size=64, crop_size=64)
+TINY_CROPPER = dict(localization="rollout", cropper="vit_tiny_patch16_224", cropper_kwargs={"depth": 2, "embed_dim": 48, "num_heads": 2}, localize_size=64, crop_size=64)
 
 
 def batch(n=4, classes=5, size=64):

@@ -66,7 +66,7 @@ def ddp_run(tmp_path_factory, odd_sized_cub):
             "class_path": "mgff.lit.TwoStageClassifier",
             "init_args": {
                 "backbone": "resnet10t", "stages": [4], "head": "linear", "img_size": 64, "optimizer": "adamw", "lr": 0.003,
-                "cropper": "vit_tiny_patch16_224", "cropper_kwargs": {"depth": 1}, "localize_size": 64, "crop_size": 64, "min_box_size": 0.4,
+                "localization": "rollout", "cropper": "vit_tiny_patch16_224", "cropper_kwargs": {"depth": 1}, "localize_size": 64, "crop_size": 64, "min_box_size": 0.4,
             },
         },
         "data": {"class_path": "data_modules.CUB200DataModule", "init_args": data_init_args(odd_sized_cub)},

@@ -40,6 +40,7 @@ def test_two_stage_fit_learns_well_above_chance(tmp_path):
         lr=3e-3,
         weight_decay=0.05,
         warmup_epochs=1,
+        localization="rollout",
         cropper="vit_tiny_patch16_224",
         cropper_kwargs={"depth": 2, "embed_dim": 64, "num_heads": 2},
         localize_size=64,

@@ -8,7 +8,7 @@ import torch
 from mgff.lit import FineGrainedClassifier, TwoStageClassifier
 from mgff.models.cropper.crops import crop_and_resize
 from mgff.models.cropper.feature_localizer import (
-    FeatureLocalizer, activation_energy, attention_received_map, class_activation_map,
+    FeatureLocalizer, activation_energy, attention_received_map, class_activation_map, refined_energy,
 )
 from mgff.models.cropper.ground_truth import box_masks, ground_truth_localization
 from mgff.models.heads import LinearHead
@@ -38,6 +38,70 @@ def test_activation_energy_is_the_channel_sum():
     assert activation_energy(changed)[1, 0, 0] == pytest.approx(float(energy[1, 0, 0]) + 1.0)
     with pytest.raises(ValueError, match=r"\(B, C, h, w\)"):
         activation_energy(torch.rand(5, 3, 4))
+
+
+def naive_refined_energy(last_map, finer_map, iterations):
+    """One image at a time, position by position: the reference for :func:`refined_energy`."""
+    out = []
+    for last, finer in zip(last_map, finer_map):
+        energy = last.sum(dim=0)
+        energy = (energy - energy.min()) / (energy.max() - energy.min())
+        seed = torch.nn.functional.interpolate(energy[None, None], size=finer.shape[-2:], mode="bilinear", align_corners=False)[0, 0]
+        seed = (seed - seed.min()) / (seed.max() - seed.min())
+        vectors = [[finer[:, y, x] / finer[:, y, x].norm() for x in range(finer.shape[2])] for y in range(finer.shape[1])]
+        inside = [[bool(seed[y, x] >= seed.mean()) for x in range(finer.shape[2])] for y in range(finer.shape[1])]
+        for _ in range(iterations):
+            obj = sum(v for row, flags in zip(vectors, inside) for v, f in zip(row, flags) if f)
+            bg = sum((v for row, flags in zip(vectors, inside) for v, f in zip(row, flags) if not f), torch.zeros(finer.shape[0]))
+            obj, bg = obj / obj.norm(), bg / bg.norm().clamp_min(1e-12)
+            contrast = torch.tensor([[float(v @ obj - v @ bg) for v in row] for row in vectors])
+            inside = (contrast > 0).tolist()
+        out.append((contrast - contrast.min()) / (contrast.max() - contrast.min()) * seed)
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("iterations", [1, 3])
+def test_refined_energy_matches_a_loop_over_images_and_positions(iterations):
+    torch.manual_seed(0)
+    last, finer = torch.rand(3, 6, 4, 4), torch.randn(3, 5, 8, 8)
+    refined = refined_energy(last, finer, iterations)
+    assert refined.shape == (3, 8, 8) and refined.dtype == torch.float32
+    torch.testing.assert_close(refined, naive_refined_energy(last, finer, iterations), atol=1e-5, rtol=1e-5)
+
+
+def test_refined_energy_takes_the_object_shape_from_the_finer_map():
+    # the late 2x2 map fires on its top-left cell; on the finer 4x4 grid the object's features (direction
+    # 0) fill only the left column of that cell, the rest is background (direction 1)
+    last = torch.zeros(1, 3, 2, 2)
+    last[:, :, 0, 0] = 1.0
+    finer = torch.zeros(1, 2, 4, 4)
+    finer[:, 1] = 1.0
+    finer[:, :, 0:2, 0] = torch.tensor([1.0, 0.0])[:, None]
+    refined = refined_energy(last, finer)
+    assert (refined[0, 0:2, 0] > 0.5).all()
+    assert float(refined[0].flatten().topk(3).values[-1]) == 0.0  # only those two positions respond
+    # the finer map matters: the object one column over moves the response with it
+    moved = torch.zeros(1, 2, 4, 4)
+    moved[:, 1] = 1.0
+    moved[:, :, 0:2, 1] = torch.tensor([1.0, 0.0])[:, None]
+    assert (refined_energy(last, moved)[0, 0:2, 1] > 0.5).all() and float(refined_energy(last, moved)[0, 0:2, 0].max()) == 0.0
+    # and the boxes: energy boxes the whole hot cell, refined only the object's column
+    localizer = dict(padding=0.0, min_size=0.0)
+    _, energy_box = FeatureLocalizer("energy", **localizer)([finer, last], (64, 64))
+    _, refined_box = FeatureLocalizer("refined", **localizer)([finer, last], (64, 64))
+    assert float(energy_box[0, 2]) >= 30 and float(refined_box[0, 2]) <= 24  # the column ends at 16 px; bilinear spreads it
+
+
+def test_refined_energy_without_background_and_bad_input():
+    # a flat seed marks every position as the object: no background prototype, still finite
+    refined = refined_energy(torch.ones(2, 3, 2, 2), torch.randn(2, 4, 4, 4))
+    assert torch.isfinite(refined).all()
+    with pytest.raises(ValueError, match="iterations"):
+        refined_energy(torch.rand(1, 3, 2, 2), torch.rand(1, 3, 4, 4), iterations=0)
+    with pytest.raises(ValueError, match=r"\(B, C, h, w\)"):
+        refined_energy(torch.rand(3, 2, 2), torch.rand(1, 3, 4, 4))
+    with pytest.raises(ValueError, match="model.stages"):
+        FeatureLocalizer("refined")([torch.rand(1, 3, 2, 2)], (64, 64))
 
 
 def test_class_activation_map_averages_to_the_logit_minus_bias():
@@ -143,7 +207,7 @@ def test_features_localization_stores_no_second_network_and_runs_the_backbone_tw
 
 def test_features_localization_reads_stage_one_maps():
     torch.manual_seed(0)
-    model = TwoStageClassifier(localization="features", box_padding=0.0, min_box_size=0.0, **TINY).eval()
+    model = TwoStageClassifier(localization="features", feature_response="energy", box_padding=0.0, min_box_size=0.0, **TINY).eval()
     images = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         output, maps = model.stage1_with_maps(images)
@@ -237,7 +301,7 @@ def test_two_stage_from_a_stage_one_checkpoint(tmp_path):
         TwoStageClassifier.from_stage1_checkpoint(path)
 
 
-@pytest.mark.parametrize("head, response", [("mgff", "energy"), ("linear", "cam"), ("mgff", "attention")])
+@pytest.mark.parametrize("head, response", [("linear", "refined"), ("mgff", "energy"), ("linear", "cam"), ("mgff", "attention")])
 def test_features_localization_under_bf16_autocast_trains(head, response):
     torch.manual_seed(0)
     model = TwoStageClassifier(localization="features", feature_response=response, head=head, **TINY)

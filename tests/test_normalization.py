@@ -18,7 +18,7 @@ from mgff.models.normalization import InputNormalization
 
 TINY = dict(backbone="resnet10t", img_size=64, stages=[2, 3, 4], head="linear")
 # vit_base_patch16_224's pretrained_cfg (AugReg) says mean = std = 0.5; a tiny one of the same name
-TINY_CROPPER = dict(cropper="vit_base_patch16_224", cropper_kwargs={"depth": 1, "embed_dim": 32, "num_heads": 2}, localize_size=64, crop_size=64)
+TINY_CROPPER = dict(localization="rollout", cropper="vit_base_patch16_224", cropper_kwargs={"depth": 1, "embed_dim": 32, "num_heads": 2}, localize_size=64, crop_size=64)
 HALF = [0.5, 0.5, 0.5]
 
 

@@ -10,7 +10,7 @@ from data_modules import CUB200DataModule
 from mgff.lit import TwoStageClassifier
 
 TINY = dict(backbone="resnet10t", img_size=64, stages=[2, 3, 4], head="linear")
-TINY_CROPPER = dict(cropper="vit_tiny_patch16_224", cropper_kwargs={"depth": 1, "embed_dim": 32, "num_heads": 2}, localize_size=64, crop_size=32)
+TINY_CROPPER = dict(localization="rollout", cropper="vit_tiny_patch16_224", cropper_kwargs={"depth": 1, "embed_dim": 32, "num_heads": 2}, localize_size=64, crop_size=32)
 MEAN, STD = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 
 

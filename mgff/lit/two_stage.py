@@ -54,14 +54,14 @@ class TwoStageClassifier(FineGrainedClassifier):
             on the image resized to it for a finer map (cost ``(side / input side)^2`` of one stage).
             Boxes are always in the input's pixels; the crop is cut from the full input (or the source).
         crop_size: side of the stage-2 input (default ``img_size``, else 384).
-        localization: ``rollout`` (ViT attention rollout), ``column_sum`` (the paper's per-token sums over
-            the ViT's attention), ``features`` (a response map of the stage-1 network itself,
-            :mod:`mgff.models.cropper.feature_localizer`), or ``ground_truth`` (the batch's box; an oracle that
-            needs boxes in every batch).
-        feature_response: the ``features`` response map: ``energy`` (channel sum of the last map, AOLM-like;
-            the default: it localised real birds best, BENCHMARKS.md "Real photos: localisation"), ``cam``
-            (class activation map of the linear head) or ``attention`` (attention the MGFF head's positions
-            receive).
+        localization: ``features`` (the default: a response map of the stage-1 network itself,
+            :mod:`mgff.models.cropper.feature_localizer`; no second network, any backbone), ``rollout`` (ViT
+            attention rollout), ``column_sum`` (the paper's per-token sums over the ViT's attention; the paper
+            configs set it), or ``ground_truth`` (the batch's box; an oracle that needs boxes in every batch).
+        feature_response: the ``features`` response map: ``refined`` (the default: the ``energy`` map refined on
+            the finer map before it; it localised real birds best, BENCHMARKS.md "Real photos: localisation";
+            needs two tapped stages), ``energy`` (channel sum of the last map, AOLM-like), ``cam`` (class
+            activation map of the linear head) or ``attention`` (attention the MGFF head's positions receive).
         head_fusion: how attention heads are fused: ``mean``, ``max`` or ``min``.
         discard_ratio: share of the weakest attention dropped in rollout.
         layer_fusion: how ``column_sum`` combines the ViT's layers: ``product`` or ``mean``.
@@ -87,8 +87,8 @@ class TwoStageClassifier(FineGrainedClassifier):
         crop_from: Literal["view", "source"] = "view",
         localize_size: int | None = None,
         crop_size: int | None = None,
-        localization: Literal["rollout", "column_sum", "features", "ground_truth"] = "rollout",
-        feature_response: Literal["energy", "cam", "attention"] = "energy",
+        localization: Literal["rollout", "column_sum", "features", "ground_truth"] = "features",
+        feature_response: Literal["refined", "energy", "cam", "attention"] = "refined",
         head_fusion: Literal["mean", "max", "min"] = "mean",
         discard_ratio: float = 0.0,
         layer_fusion: Literal["product", "mean"] = "product",

@@ -7,12 +7,17 @@ is 2.37x the FLOPs of one stage and 86 M frozen parameters in every checkpoint. 
 paper: no auxiliary model. This localiser reads a response map out of the maps the stage-1
 classifier has already computed and sends it through the same map -> box -> crop code
 (:func:`~mgff.models.cropper.boxes.boxes_from_response_map`). With it the two-stage model costs
-about 2x one stage and stores no second network. Three response maps, each one function:
+about 2x one stage and stores no second network. Four response maps, each one function:
 
 ``energy``     :func:`activation_energy`: the channel sum of the last map, as MMAL-Net's AOLM
                (Zhang et al., 2021) does. Meant for a post-activation (non-negative) map such as
                EfficientNet's head conv (``conv_head``/``bn2``), which ``TimmBackbone`` returns as its
                last map; on real CUB photos that map localises best (``BENCHMARKS.md``).
+``refined``    :func:`refined_energy`: the ``energy`` map as the seed of a two-prototype clustering of the
+               finer map before it (stride 16 where the last is stride 32), times the seed: the
+               object's shape on the finer grid. Beyond AOLM, which intersects the two maps' masks.
+               The default: the best on the validation photos at 224 and 448 px, frozen and
+               fine-tuned (``BENCHMARKS.md`` "Real photos: localisation").
 ``cam``        :func:`class_activation_map`: the linear head's weights of the predicted class applied
                at every position (Zhou et al., 2016); needs ``head='linear'``.
 ``attention``  :func:`attention_received_map`: the attention every grid position of the MGFF head
@@ -26,15 +31,17 @@ from typing import Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch import Tensor
 
 from mgff.models.cropper.boxes import boxes_from_response_map, check_box_options
 from mgff.models.cropper.choices import check_choice
-from mgff.models.cropper.response import response_map
+from mgff.models.cropper.response import min_max, response_map
 
-__all__ = ['FEATURE_RESPONSES', 'activation_energy', 'class_activation_map', 'attention_received_map', 'FeatureLocalizer']
+__all__ = ['FEATURE_RESPONSES', 'activation_energy', 'refined_energy', 'class_activation_map', 'attention_received_map',
+           'FeatureLocalizer']
 
-FEATURE_RESPONSES = ('energy', 'cam', 'attention')
+FEATURE_RESPONSES = ('refined', 'energy', 'cam', 'attention')
 
 
 def activation_energy(feature_map: Tensor) -> Tensor:
@@ -42,6 +49,44 @@ def activation_energy(feature_map: Tensor) -> Tensor:
     if feature_map.ndim != 4:
         raise ValueError(f'feature_map must be (B, C, h, w), got {tuple(feature_map.shape)}')
     return feature_map.float().sum(dim=1)
+
+
+def refined_energy(last_map: Tensor, finer_map: Tensor, iterations: int = 3) -> Tensor:
+    r"""The energy of ``last_map`` refined on the grid of ``finer_map``: ``-> (B, h', w')`` float32 in [0, 1].
+
+    1. Seed: :math:`s` = the min-max normalised channel sum of ``last_map`` (:func:`activation_energy`),
+       bilinearly upsampled to the finer grid ``(h', w')`` and normalised again.
+    2. Two prototypes on the L2-normalised finer features :math:`\hat f(x)`: the object's is the
+       direction of the sum of :math:`\hat f` where :math:`s \ge \mathrm{mean}(s)`, the background's
+       that of the sum elsewhere. The contrast :math:`c(x) = \cos(\hat f(x), p_{obj}) - \cos(\hat f(x),
+       p_{bg})` relabels the object as :math:`c > 0`; ``iterations`` rounds (2-means seeded by the energy).
+    3. Response: :math:`\mathrm{minmax}(c) \cdot s`: high where the finer features look like the object
+       *and* the late map fires; the product keeps the energy's peak and takes the finer map's edges.
+
+    A background with no position (the seed covers everything) has a zero prototype: the contrast is then
+    the similarity to the object alone. No parameters; batched, a fixed number of rounds.
+
+    Args:
+        last_map: ``(B, C, h, w)``, the post-activation late map (the ``energy`` map).
+        finer_map: ``(B, C', h', w')``, an earlier map of the same image (finer or equal grid).
+        iterations: ``>= 1`` rounds of prototype updates.
+    """
+    if last_map.ndim != 4 or finer_map.ndim != 4:
+        raise ValueError(f'last_map and finer_map must be (B, C, h, w), got {tuple(last_map.shape)} and {tuple(finer_map.shape)}')
+    if iterations < 1:
+        raise ValueError(f'iterations must be >= 1, got {iterations}')
+    grid = tuple(finer_map.shape[-2:])
+    seed = min_max(activation_energy(last_map)).unsqueeze(1)
+    seed = min_max(F.interpolate(seed, size=grid, mode='bilinear', align_corners=False)).squeeze(1)  # (B, h', w')
+    features = F.normalize(finer_map.float(), dim=1)
+    obj = (seed >= seed.mean(dim=(1, 2), keepdim=True)).to(features.dtype)
+    for _ in range(iterations):
+        mask = obj.unsqueeze(1)
+        obj_proto = F.normalize((features * mask).sum(dim=(2, 3)), dim=1)  # (B, C')
+        bg_proto = F.normalize((features * (1 - mask)).sum(dim=(2, 3)), dim=1)  # zero where no background
+        contrast = torch.einsum('bchw,bc->bhw', features, obj_proto - bg_proto)
+        obj = (contrast > 0).to(features.dtype)
+    return min_max(contrast) * seed
 
 
 def class_activation_map(feature_map: Tensor, head: nn.Module, classes: Tensor) -> Tensor:
@@ -93,13 +138,13 @@ class FeatureLocalizer(nn.Module):
     cropper's is; regions are labelled on the backbone's grid.
 
     Args:
-        response: ``'energy' | 'cam' | 'attention'`` (module docstring).
+        response: ``'refined' | 'energy' | 'cam' | 'attention'`` (module docstring).
         threshold, box_mode, padding, min_size: see :func:`boxes_from_response_map`.
     """
 
     def __init__(
             self,
-            response: str = 'energy',
+            response: str = 'refined',
             threshold: str | float = 'mean',
             box_mode: str = 'largest',
             padding: float = 0.05,
@@ -118,12 +163,18 @@ class FeatureLocalizer(nn.Module):
         """The chosen response on the backbone's grid: ``(B, h, w)`` float32.
 
         Args:
-            maps: the backbone's maps ``[(B, C_i, h_i, w_i), ...]``; the last one is read.
+            maps: the backbone's maps ``[(B, C_i, h_i, w_i), ...]``; the last one is read (``refined``: the
+                last two).
             head: the classification head (``cam``, ``attention``).
             logits: ``(B, num_classes)`` stage-1 logits; ``cam`` maps their argmax.
         """
         if self.response == 'energy':
             return activation_energy(maps[-1])
+        if self.response == 'refined':
+            if len(maps) < 2:
+                raise ValueError("feature_response='refined' reads the last two maps of the backbone: tap at least "
+                                 f"two stages (model.stages), got {len(maps)} map")
+            return refined_energy(maps[-1], maps[-2])
         if head is None:
             raise ValueError(f"feature_response={self.response!r} needs the classification head")
         if self.response == 'cam':

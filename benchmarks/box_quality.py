@@ -12,7 +12,8 @@ Localisers, each scored on ``--split`` (``test`` by default):
 - ``centred box``: a fixed box of ``f`` x the view's side around its centre, ``f`` chosen on the
   validation split (the best fixed box; about mIoU 0.51 / hit 0.55 on the held-back classes);
 - ``features`` (:class:`~mgff.models.cropper.feature_localizer.FeatureLocalizer`) with every response
-  that the model's head allows (``energy``; ``cam`` for a linear head; ``attention`` for an MGFF head),
+  that the model's head allows (``refined`` and ``energy``; ``cam`` for a linear head; ``attention`` for an
+  MGFF head),
   on the stage-1 maps at 224 px (free: the maps of stage 1's own forward) and at ``--source-size``
   (``localize_size``: one more backbone pass on the source view), for
   - the shared ImageNet EfficientNet-Lite0 weights, frozen (``imagenet``), and
@@ -129,6 +130,7 @@ def score_localizers(models: dict[str, TwoStageClassifier], loader, source_size:
     reads with ``localize_size=source_size`` (the model's own ``stage1_with_maps`` on the source view)."""
     metrics: dict[tuple[str, str, int], BoxIoU] = {("centred box", f"f={centred_fraction:.2f} (chosen on val)", 0): BoxIoU()}
     seconds: dict[tuple[str, str, int], float] = {}
+    grids: dict[tuple[str, str, int], str] = {}
     for batch in limited(loader, limit):
         images, gt = batch["image"], batch["box"].float()
         size = tuple(images.shape[-2:])
@@ -141,6 +143,8 @@ def score_localizers(models: dict[str, TwoStageClassifier], loader, source_size:
                 map_seconds = time.perf_counter() - start
                 for response in responses_for(model):
                     key = (f"features: {response}", name, side)
+                    grid = maps[-2 if response == "refined" else -1].shape[-2:]  # refined: on the finer map's grid
+                    grids[key] = f"{side} px ({grid[0]}x{grid[1]})"
                     start = time.perf_counter()
                     _, boxes = FeatureLocalizer(response)(maps, size, model.head, output.logits)
                     seconds[key] = seconds.get(key, 0.0) + map_seconds + time.perf_counter() - start
@@ -148,8 +152,7 @@ def score_localizers(models: dict[str, TwoStageClassifier], loader, source_size:
     rows = []
     for (localizer, weights, side), metric in metrics.items():
         values = metric.compute()
-        grid = "-" if side == 0 else f"{side} px ({side // 32}x{side // 32})"
-        rows.append(dict(localizer=localizer, weights=weights, map=grid, miou=float(values["miou"]), hit50=float(values["hit_rate"]), images=int(metric.count)))
+        rows.append(dict(localizer=localizer, weights=weights, map=grids.get((localizer, weights, side), "-"), miou=float(values["miou"]), hit50=float(values["hit_rate"]), images=int(metric.count)))
     return rows
 
 
@@ -229,7 +232,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         models[f"{name} (fine-tuned)"] = features_model(datamodule.num_classes, path)
     start = time.perf_counter()
     rows = score_localizers(models, split_loader(datamodule, args.split), args.source_size, fraction, args.limit)
-    columns = [("localizer", "localiser", "s"), ("weights", "weights", "s"), ("map", "map computed at", "s"), ("miou", "mIoU", ".3f"), ("hit50", "hit@0.5", ".3f"), ("images", "images", "d")]
+    columns = [("localizer", "localiser", "s"), ("weights", "weights", "s"), ("map", "map computed at (grid)", "s"), ("miou", "mIoU", ".3f"), ("hit50", "hit@0.5", ".3f"), ("images", "images", "d")]
     print_table(f"Box quality on the {args.split} split ({time.perf_counter() - start:.0f} s)", columns, rows)
     result = {"split": args.split, "rows": rows}
     if args.figure:

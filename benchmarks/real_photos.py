@@ -110,6 +110,8 @@ RUNS.update({
     "ts_single": Run(CLASSIFIER, dict(head="linear"), "single-stage linear, data as the two-stage runs", SOURCE_DATA),
     "ts_features_view": Run(TWO_STAGE, dict(STAGE2, localization="features", crop_from="view"), "two-stage, features box, crop from the 224 view", SOURCE_DATA),
     "ts_features_source": Run(TWO_STAGE, dict(STAGE2, localization="features", crop_from="source"), "two-stage, features box, crop from the 448 source", SOURCE_DATA),
+    "ts_energy_source": Run(TWO_STAGE, dict(STAGE2, localization="features", feature_response="energy", crop_from="source"),
+                            "two-stage, features box (energy response, the default before 'refined'), crop from the 448 source", SOURCE_DATA),
     "ts_oracle_view": Run(TWO_STAGE, dict(STAGE2, localization="ground_truth", crop_from="view"), "two-stage, ground-truth box, crop from the 224 view", SOURCE_DATA),
     "ts_oracle_source": Run(TWO_STAGE, dict(STAGE2, localization="ground_truth", crop_from="source"), "two-stage, ground-truth box, crop from the 448 source", SOURCE_DATA),
 })

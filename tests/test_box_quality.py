@@ -1,5 +1,5 @@
-"""Box quality on real photos (``../shared``): the ``features`` localiser with the frozen ImageNet
-EfficientNet-Lite0 finds real birds on the first CUB test photos, better with the finer map, through
+"""Box quality on real photos (``../shared``): the ``features`` localiser (``energy`` and the default ``refined``)
+with the frozen ImageNet EfficientNet-Lite0 finds real birds on the first CUB test photos, better with the finer map, through
 ``benchmarks/box_quality.py``'s own code. Skips, with the reason, where the shared data or weights are absent."""
 
 from __future__ import annotations
@@ -36,3 +36,6 @@ def test_features_localiser_finds_real_birds_and_the_finer_map_finds_them_better
     # README (1,389 held-back photos): mIoU 0.59 at 448 px, 0.49 at 224 px; here the first test photos
     assert fine["miou"] >= 0.6 and fine["hit50"] >= 0.75
     assert fine["miou"] > coarse["miou"] + 0.05  # the map's resolution matters
+    # the default response, energy refined on the finer stride-16 map (28x28 at 448 px)
+    refined = scores[("features: refined", "448 px (28x28)")]
+    assert refined["miou"] >= 0.6 and refined["hit50"] >= 0.75

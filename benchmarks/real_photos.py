@@ -143,13 +143,14 @@ def build_datamodule(out: Path, num_workers: int, **overrides: Any):
     )
 
 
-def train_and_test(name: str, run: Run, out: Path, num_workers: int, epochs: int) -> dict[str, Any]:
-    """Fine-tune one run, test its best-validation checkpoint, write its per-image predictions."""
+def train_and_test(name: str, run: Run, out: Path, num_workers: int, epochs: int, seed: int = SEED) -> dict[str, Any]:
+    """Fine-tune one run, test its best-validation checkpoint, write its per-image predictions. ``seed`` seeds the
+    training (initialisation of new layers, order, augmentation); the train/val split stays ``DATA["split_seed"]``."""
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger
 
-    L.seed_everything(SEED, workers=True)
+    L.seed_everything(seed, workers=True)
     data = build_datamodule(out, num_workers, **run.data)
     data.prepare_data()
     data.setup("fit")
@@ -196,6 +197,7 @@ def train_and_test(name: str, run: Run, out: Path, num_workers: int, epochs: int
         best_val_acc=round(float(checkpoint.best_model_score), 4),
         best_epoch=ckpt_epoch + 1,
         epochs=epochs,
+        seed=seed,
         minutes=round(minutes, 1),
         checkpoint=str(Path(best).relative_to(REPO_ROOT)) if Path(best).is_relative_to(REPO_ROOT) else best,
         note=run.note,
@@ -266,6 +268,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--epochs", type=int, default=EPOCHS)
     parser.add_argument("--workers", type=int, default=0, help="loader worker processes (0: decode the small cached JPEGs in the main process, saving a worker's memory)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (on shared cores two threads spin against each other)")
+    parser.add_argument("--seed", type=int, default=SEED, help="training seed (the data split stays fixed); put other seeds in another --out")
     parser.add_argument("--report-only", action="store_true", help="only rebuild the table from finished runs")
     parser.add_argument("--skip-done", action="store_true", help="reuse the result of runs that already have a result.json")
     args = parser.parse_args(argv)
@@ -284,7 +287,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.report_only or (args.skip_done and (args.out / name / "result.json").is_file()):
             results.append(json.loads((args.out / name / "result.json").read_text()))
             continue
-        result = train_and_test(name, RUNS[name], args.out, args.workers, args.epochs)
+        result = train_and_test(name, RUNS[name], args.out, args.workers, args.epochs, args.seed)
         print(f"{name}: test top-1 {result['test_acc']:.4f} (best val {result['best_val_acc']:.4f}, {result['minutes']} min)", flush=True)
         results.append(result)
     command = "python benchmarks/real_photos.py " + " ".join(argv if argv is not None else sys.argv[1:])

@@ -35,6 +35,7 @@ from benchmarks import real_photos  # noqa: E402
 from benchmarks.measure import describe_machine, machine_info  # noqa: E402
 
 VARIANTS = ("ts_features_view", "ts_features_source", "ts_oracle_view", "ts_oracle_source")
+KNOWN_VARIANTS = VARIANTS + ("ts_energy_source",)  # the features box with the `energy` response (the default before `refined`)
 DEFAULT_OUT = real_photos.DEFAULT_OUT.parent / "real_photos_two_stage"
 
 
@@ -115,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--checkpoint", type=Path, default=DEFAULT_OUT / "ts_single" / "best.ckpt")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"some of {','.join(VARIANTS)}")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"some of {','.join(KNOWN_VARIANTS)}")
     parser.add_argument("--oracle-padding", type=float, default=0.0, help="grow the oracle's boxes by this share of their size per side")
     parser.add_argument("--limit", type=int, default=None, help="first N test images only (a quick check)")
     args = parser.parse_args(argv)
@@ -128,9 +129,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.limit:
         data.datasets["test"].samples = data.datasets["test"].samples[: args.limit]
     variants = [v for v in args.variants.split(",") if v]
-    unknown = [v for v in variants if v not in VARIANTS]
+    unknown = [v for v in variants if v not in KNOWN_VARIANTS]
     if unknown:
-        raise SystemExit(f"unknown variant(s) {unknown}; known: {VARIANTS}")
+        raise SystemExit(f"unknown variant(s) {unknown}; known: {KNOWN_VARIANTS}")
     models = load_models(args.checkpoint, data, variants)
     start = time.perf_counter()
     parts, labels, gt = evaluate(models, data.test_dataloader(), args.oracle_padding)
@@ -153,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
     for a, b in (("ts_features_view", "ts_features_source"), ("ts_oracle_view", "ts_oracle_source")):
         if a in right and b in right:
             print(f"- {b} - {a}: stage 2 {interval(right[a]['stage2'], right[b]['stage2'])}, merged {interval(right[a]['merged'], right[b]['merged'])}")
-    for a, b in (("ts_features_source", "ts_oracle_source"), ("ts_features_view", "ts_oracle_view")):
+    for a, b in (("ts_features_source", "ts_oracle_source"), ("ts_features_view", "ts_oracle_view"), ("ts_energy_source", "ts_features_source")):
         if a in right and b in right:
             print(f"- {b} - {a}: merged {interval(right[a]['merged'], right[b]['merged'])}")
     tag = args.checkpoint.parent.name + (f"_oraclepad{args.oracle_padding:g}" if args.oracle_padding else "")

@@ -45,3 +45,17 @@ def test_runs_load_the_shared_weights_and_run_a_forward(name):
     with torch.no_grad():
         logits, _, _ = model.forward_outputs(torch.zeros(2, 3, 64, 64))
     assert logits["main"].shape == (2, 25)
+
+
+@pytest.mark.skipif(not real_photos.WEIGHTS.is_file(), reason=f"shared weights not found at {real_photos.WEIGHTS} (../shared absent)")
+@pytest.mark.parametrize("name, localization, response", [
+    ("ts_features_source", "features", "refined"), ("ts_energy_source", "features", "energy"), ("ts_oracle_source", "ground_truth", None),
+])
+def test_two_stage_runs_build_the_localiser_they_name(name, localization, response):
+    class Data:
+        num_classes, mean, std = 25, real_photos.WEIGHTS_MEAN, real_photos.WEIGHTS_STD
+
+    run = real_photos.RUNS[name]
+    model = real_photos.import_class(run.model_class)(**real_photos.model_kwargs(run, Data()))
+    assert model.hparams.localization == localization and model.hparams.crop_from == "source"
+    assert (model.feature_localizer.response if response else model.feature_localizer) == response

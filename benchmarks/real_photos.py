@@ -143,9 +143,11 @@ def build_datamodule(out: Path, num_workers: int, **overrides: Any):
     )
 
 
-def train_and_test(name: str, run: Run, out: Path, num_workers: int, epochs: int, seed: int = SEED) -> dict[str, Any]:
+def train_and_test(name: str, run: Run, out: Path, num_workers: int, epochs: int, seed: int = SEED, also_last: bool = False) -> dict[str, Any]:
     """Fine-tune one run, test its best-validation checkpoint, write its per-image predictions. ``seed`` seeds the
-    training (initialisation of new layers, order, augmentation); the train/val split stays ``DATA["split_seed"]``."""
+    training (initialisation of new layers, order, augmentation); the train/val split stays ``DATA["split_seed"]``.
+    ``also_last`` also tests the last epoch's weights (``last_test_acc``: a diagnosis of the checkpoint choice, never
+    the reported figure)."""
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger
@@ -156,17 +158,20 @@ def train_and_test(name: str, run: Run, out: Path, num_workers: int, epochs: int
     data.setup("fit")
     run_dir = out / name
     run_dir.mkdir(parents=True, exist_ok=True)
-    for old in run_dir.glob("best*.ckpt"):
+    for old in [*run_dir.glob("best*.ckpt"), *run_dir.glob("last_epoch*.ckpt")]:
         old.unlink()
     model = import_class(run.model_class)(**model_kwargs(run, data))
     checkpoint = ModelCheckpoint(dirpath=run_dir, filename="best", monitor="val/acc", mode="max", save_top_k=1)
+    # Lightning's save_last writes last.ckpt only when a top-k checkpoint is saved in the same step, so the last
+    # epoch's weights need a checkpoint of their own (no monitor: every epoch replaces it)
+    final = ModelCheckpoint(dirpath=run_dir, filename="last_epoch", save_top_k=1) if also_last else None
     trainer = L.Trainer(
         accelerator="cpu",
         devices=1,
         max_epochs=epochs,
         precision="32-true",
         deterministic=False,
-        callbacks=[checkpoint],
+        callbacks=[checkpoint] + ([final] if final else []),
         logger=CSVLogger(save_dir=str(run_dir), name="logs"),
         enable_progress_bar=False,
         log_every_n_steps=5,
@@ -202,6 +207,9 @@ def train_and_test(name: str, run: Run, out: Path, num_workers: int, epochs: int
         checkpoint=str(Path(best).relative_to(REPO_ROOT)) if Path(best).is_relative_to(REPO_ROOT) else best,
         note=run.note,
     )
+    if also_last:
+        last = trainer.predict(model, datamodule=data, ckpt_path=final.best_model_path)
+        result["last_test_acc"] = round(float(np.mean([int(p == y) for b in last for p, y in zip(b["pred"].tolist(), b["label"].tolist())])), 4)
     (run_dir / "result.json").write_text(json.dumps(result, indent=1))
     return result
 
@@ -235,7 +243,8 @@ def write_table(out: Path, results: list[dict], comparisons: list[tuple[str, str
         "| run | test top-1 | best val top-1 | best epoch | minutes | what |",
         "|---|---|---|---|---|---|",
     ]
-    lines += [f"| {r['run']} | {r['test_acc']:.3f} | {r['best_val_acc']:.3f} | {r['best_epoch']}/{r['epochs']} | {r['minutes']} | {r['note']} |" for r in results]
+    lines += [f"| {r['run']} | {r['test_acc']:.3f} | {r['best_val_acc']:.3f} | {r['best_epoch']}/{r['epochs']} | {r['minutes']} | {r['note']}"
+              + (f" (last epoch's weights: test {r['last_test_acc']:.3f})" if "last_test_acc" in r else "") + " |" for r in results]
     for a, b in comparisons:
         ia, ca = load_correct(out, a)
         ib, cb = load_correct(out, b)
@@ -246,7 +255,7 @@ def write_table(out: Path, results: list[dict], comparisons: list[tuple[str, str
     text = "\n".join(lines) + "\n"
     (out / "results.md").write_text(text)
     with open(out / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(results[0]))
+        writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in results for k in r)))  # runs may add keys
         writer.writeheader()
         writer.writerows(results)
     return text
@@ -269,6 +278,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=0, help="loader worker processes (0: decode the small cached JPEGs in the main process, saving a worker's memory)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (on shared cores two threads spin against each other)")
     parser.add_argument("--seed", type=int, default=SEED, help="training seed (the data split stays fixed); put other seeds in another --out")
+    parser.add_argument("--also-last", action="store_true", help="also test the last epoch's weights (last_test_acc in result.json; a diagnosis)")
     parser.add_argument("--report-only", action="store_true", help="only rebuild the table from finished runs")
     parser.add_argument("--skip-done", action="store_true", help="reuse the result of runs that already have a result.json")
     args = parser.parse_args(argv)
@@ -287,7 +297,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.report_only or (args.skip_done and (args.out / name / "result.json").is_file()):
             results.append(json.loads((args.out / name / "result.json").read_text()))
             continue
-        result = train_and_test(name, RUNS[name], args.out, args.workers, args.epochs, args.seed)
+        result = train_and_test(name, RUNS[name], args.out, args.workers, args.epochs, args.seed, args.also_last)
         print(f"{name}: test top-1 {result['test_acc']:.4f} (best val {result['best_val_acc']:.4f}, {result['minutes']} min)", flush=True)
         results.append(result)
     command = "python benchmarks/real_photos.py " + " ".join(argv if argv is not None else sys.argv[1:])

@@ -129,7 +129,6 @@ def score_localizers(models: dict[str, TwoStageClassifier], loader, source_size:
     The 224 px maps are exactly what ``localize()`` reads in the model; the ``source_size`` maps are what it
     reads with ``localize_size=source_size`` (the model's own ``stage1_with_maps`` on the source view)."""
     metrics: dict[tuple[str, str, int], BoxIoU] = {("centred box", f"f={centred_fraction:.2f} (chosen on val)", 0): BoxIoU()}
-    seconds: dict[tuple[str, str, int], float] = {}
     grids: dict[tuple[str, str, int], str] = {}
     for batch in limited(loader, limit):
         images, gt = batch["image"], batch["box"].float()
@@ -137,17 +136,13 @@ def score_localizers(models: dict[str, TwoStageClassifier], loader, source_size:
         metrics[("centred box", f"f={centred_fraction:.2f} (chosen on val)", 0)].update(centred_boxes(len(gt), size, centred_fraction), gt)
         for name, model in models.items():
             for side in (size[0], source_size):
-                start = time.perf_counter()
                 view = images if side == size[0] else model.input_norm.data_from_unit(batch["source"].float() / 255.0)
                 output, maps = model.stage1_with_maps(view)
-                map_seconds = time.perf_counter() - start
                 for response in responses_for(model):
                     key = (f"features: {response}", name, side)
                     grid = maps[-2 if response == "refined" else -1].shape[-2:]  # refined: on the finer map's grid
                     grids[key] = f"{side} px ({grid[0]}x{grid[1]})"
-                    start = time.perf_counter()
                     _, boxes = FeatureLocalizer(response)(maps, size, model.head, output.logits)
-                    seconds[key] = seconds.get(key, 0.0) + map_seconds + time.perf_counter() - start
                     metrics.setdefault(key, BoxIoU()).update(boxes, gt)
     rows = []
     for (localizer, weights, side), metric in metrics.items():

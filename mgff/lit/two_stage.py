@@ -113,7 +113,8 @@ class TwoStageClassifier(FineGrainedClassifier):
             raise ValueError(f"model.crop_from must be 'view' or 'source', got {crop_from!r}")
         super().__init__(**kwargs)
         hp = self.hparams
-        self.check_input_size(crop_size or hp.img_size or 384, "model.init_args.crop_size")  # stage 2 runs the backbone on the crops
+        self.crop_size = crop_size or hp.img_size or 384
+        self.check_input_size(self.crop_size, "model.init_args.crop_size")  # stage 2 runs the backbone on the crops
         # one localiser: the ViT cropper (a second network), or none stored (features, ground truth)
         self.cropper, self.cropper_norm, self.feature_localizer = None, None, None
         if localization in VIT_LOCALIZATIONS:
@@ -122,7 +123,7 @@ class TwoStageClassifier(FineGrainedClassifier):
                 pretrained=cropper_pretrained,
                 num_classes=hp.num_classes if cropper_trainable else 0,
                 localize_size=localize_size,
-                out_size=crop_size or hp.img_size or 384,
+                out_size=self.crop_size,
                 method=localization,
                 head_fusion=head_fusion,
                 discard_ratio=discard_ratio,
@@ -148,7 +149,6 @@ class TwoStageClassifier(FineGrainedClassifier):
                                  f"use_attention=true, attention='mhsa' (got head={hp.head!r}, use_attention={hp.use_attention}, "
                                  f"attention={hp.attention!r})")
         self._compiled_stage1 = None
-        self.crop_size = crop_size or hp.img_size or 384
         self._warned_unused_source = False
         if shared_classifier:
             self.backbone2, self.head2 = None, None

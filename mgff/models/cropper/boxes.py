@@ -106,13 +106,7 @@ def boxes_from_response_map(
     Returns:
         ``(B, 4)`` float32 ``(x1, y1, x2, y2)`` in pixels of the maps, ``0 <= x1 < x2 <= W``.
     """
-    if not (threshold == 'mean' or (isinstance(threshold, float) and 0.0 < threshold < 1.0)):
-        raise ValueError(f"threshold must be 'mean' or a float quantile in (0, 1), got {threshold!r}")
-    check_choice('box_mode', box_mode, BOX_MODES)
-    if padding < 0:
-        raise ValueError(f'padding must be >= 0, got {padding}')
-    if not 0.0 <= min_size <= 1.0:
-        raise ValueError(f'min_size must lie in [0, 1], got {min_size}')
+    check_box_options(box_mode, threshold, padding, min_size)
     if min(label_size if isinstance(label_size, tuple) else (label_size,)) < 1:
         raise ValueError(f'label_size must be >= 1, got {label_size}')
     maps = maps.to(torch.float32)  # pixel coordinates and quantiles want float32, not bf16

@@ -40,7 +40,7 @@ def test_activation_energy_is_the_channel_sum():
         activation_energy(torch.rand(5, 3, 4))
 
 
-def naive_refined_energy(last_map, finer_map, iterations):
+def naive_refined_energy(last_map, finer_map, iterations, seed_fraction=0.5):
     """One image at a time, position by position: the reference for :func:`refined_energy`."""
     out = []
     for last, finer in zip(last_map, finer_map):
@@ -49,7 +49,7 @@ def naive_refined_energy(last_map, finer_map, iterations):
         seed = torch.nn.functional.interpolate(energy[None, None], size=finer.shape[-2:], mode="bilinear", align_corners=False)[0, 0]
         seed = (seed - seed.min()) / (seed.max() - seed.min())
         vectors = [[finer[:, y, x] / finer[:, y, x].norm() for x in range(finer.shape[2])] for y in range(finer.shape[1])]
-        inside = [[bool(seed[y, x] >= seed.mean()) for x in range(finer.shape[2])] for y in range(finer.shape[1])]
+        inside = [[bool(seed[y, x] >= seed_fraction * seed.max()) for x in range(finer.shape[2])] for y in range(finer.shape[1])]
         for _ in range(iterations):
             obj = sum(v for row, flags in zip(vectors, inside) for v, f in zip(row, flags) if f)
             bg = sum((v for row, flags in zip(vectors, inside) for v, f in zip(row, flags) if not f), torch.zeros(finer.shape[0]))
@@ -60,13 +60,31 @@ def naive_refined_energy(last_map, finer_map, iterations):
     return torch.stack(out)
 
 
-@pytest.mark.parametrize("iterations", [1, 3])
-def test_refined_energy_matches_a_loop_over_images_and_positions(iterations):
+@pytest.mark.parametrize("iterations, seed_fraction", [(1, 0.5), (3, 0.5), (3, 0.2)])
+def test_refined_energy_matches_a_loop_over_images_and_positions(iterations, seed_fraction):
     torch.manual_seed(0)
     last, finer = torch.rand(3, 6, 4, 4), torch.randn(3, 5, 8, 8)
-    refined = refined_energy(last, finer, iterations)
+    refined = refined_energy(last, finer, iterations, seed_fraction)
     assert refined.shape == (3, 8, 8) and refined.dtype == torch.float32
-    torch.testing.assert_close(refined, naive_refined_energy(last, finer, iterations), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(refined, naive_refined_energy(last, finer, iterations, seed_fraction), atol=1e-5, rtol=1e-5)
+
+
+def test_refined_energy_starts_from_the_seed_peak_not_its_mean():
+    # a bird (direction 0) on a perch (direction 2) in the sky (direction 1); the late map fires on the bird and,
+    # half as strongly, on the perch: the perch sits above the seed's mean but below its half-maximum
+    last = torch.zeros(1, 1, 4, 4)
+    last[0, 0, 1, 1] = 1.0   # bird
+    last[0, 0, 2, 1] = 0.45  # perch
+    finer = torch.zeros(1, 3, 4, 4)
+    finer[0, 1] = 1.0
+    finer[0, :, 1, 1] = torch.tensor([1.0, 0.0, 0.0])
+    finer[0, :, 2, 1] = torch.tensor([0.0, 0.0, 1.0])
+    half_max, low = refined_energy(last, finer, 1), refined_energy(last, finer, 1, seed_fraction=0.1)
+    # a start as low as the mean takes the perch into the object prototype: it looks as much like the object
+    # as the bird does (contrast 1 after min-max), so it keeps all of its seed, 0.45
+    assert float(low[0, 1, 1]) == pytest.approx(1.0) and float(low[0, 2, 1]) == pytest.approx(0.45, abs=1e-5)
+    # from the half-maximum the object prototype is the bird's alone; the perch is nearer the background
+    assert float(half_max[0, 1, 1]) == pytest.approx(1.0) and float(half_max[0, 2, 1]) < 0.25
 
 
 def test_refined_energy_takes_the_object_shape_from_the_finer_map():
@@ -98,6 +116,9 @@ def test_refined_energy_without_background_and_bad_input():
     assert torch.isfinite(refined).all()
     with pytest.raises(ValueError, match="iterations"):
         refined_energy(torch.rand(1, 3, 2, 2), torch.rand(1, 3, 4, 4), iterations=0)
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match=r"seed_fraction must lie in \(0, 1\], got " + str(bad)):
+            refined_energy(torch.rand(1, 3, 2, 2), torch.rand(1, 3, 4, 4), seed_fraction=bad)
     with pytest.raises(ValueError, match=r"\(B, C, h, w\)"):
         refined_energy(torch.rand(3, 2, 2), torch.rand(1, 3, 4, 4))
     with pytest.raises(ValueError, match="model.stages"):

@@ -181,13 +181,7 @@ def train_and_test(name: str, run: Run, out: Path, num_workers: int, epochs: int
     minutes = (time.perf_counter() - start) / 60
     best = checkpoint.best_model_path
     # one pass over the test images gives both the per-image rows and the top-1 (no separate trainer.test)
-    predictions = trainer.predict(model, datamodule=data, ckpt_path=best)
-    rows = []
-    for batch in predictions:
-        for i in range(len(batch["label"])):
-            label, pred = int(batch["label"][i]), int(batch["pred"][i])
-            rows.append(dict(index=int(batch["index"][i]), path=str(batch["path"][i]), label=label, pred=pred, correct=int(label == pred)))
-    rows.sort(key=lambda r: r["index"])
+    rows = prediction_rows(trainer.predict(model, datamodule=data, ckpt_path=best))
     with open(run_dir / "test_predictions.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -208,10 +202,20 @@ def train_and_test(name: str, run: Run, out: Path, num_workers: int, epochs: int
         note=run.note,
     )
     if also_last:
-        last = trainer.predict(model, datamodule=data, ckpt_path=final.best_model_path)
-        result["last_test_acc"] = round(float(np.mean([int(p == y) for b in last for p, y in zip(b["pred"].tolist(), b["label"].tolist())])), 4)
+        last = prediction_rows(trainer.predict(model, datamodule=data, ckpt_path=final.best_model_path))
+        result["last_test_acc"] = round(float(np.mean([r["correct"] for r in last])), 4)
     (run_dir / "result.json").write_text(json.dumps(result, indent=1))
     return result
+
+
+def prediction_rows(predictions: list[dict]) -> list[dict[str, Any]]:
+    """``trainer.predict`` batches -> one row per test image (index, path, label, pred, correct), by index."""
+    rows = []
+    for batch in predictions:
+        for i in range(len(batch["label"])):
+            label, pred = int(batch["label"][i]), int(batch["pred"][i])
+            rows.append(dict(index=int(batch["index"][i]), path=str(batch["path"][i]), label=label, pred=pred, correct=int(label == pred)))
+    return sorted(rows, key=lambda r: r["index"])
 
 
 def load_correct(out: Path, name: str) -> tuple[np.ndarray, np.ndarray]:

@@ -137,7 +137,8 @@ def main(argv: list[str] | None = None) -> None:
     parts, labels, gt = evaluate(models, data.test_dataloader(), args.oracle_padding)
     minutes = (time.perf_counter() - start) / 60
     rows = {name: summarise(p, labels, gt) for name, p in parts.items()}
-    (args.out / f"two_stage_eval_{args.checkpoint.parent.name}{f'_oraclepad{args.oracle_padding:g}' if args.oracle_padding else ''}.json").write_text(json.dumps(dict(checkpoint=str(args.checkpoint), images=len(labels), rows=rows), indent=1))
+    tag = args.checkpoint.parent.name + (f"_oraclepad{args.oracle_padding:g}" if args.oracle_padding else "")
+    (args.out / f"two_stage_eval_{tag}.json").write_text(json.dumps(dict(checkpoint=str(args.checkpoint), images=len(labels), rows=rows), indent=1))
     print(describe_machine(machine_info(torch.device("cpu"))))
     print(f"Command: python benchmarks/real_photos_two_stage.py {' '.join(argv if argv is not None else sys.argv[1:])}".strip())
     print(f"{len(labels)} test photos, weights of {args.checkpoint}, {minutes:.1f} min\n")
@@ -157,7 +158,6 @@ def main(argv: list[str] | None = None) -> None:
     for a, b in (("ts_features_source", "ts_oracle_source"), ("ts_features_view", "ts_oracle_view"), ("ts_energy_source", "ts_features_source")):
         if a in right and b in right:
             print(f"- {b} - {a}: merged {interval(right[a]['merged'], right[b]['merged'])}")
-    tag = args.checkpoint.parent.name + (f"_oraclepad{args.oracle_padding:g}" if args.oracle_padding else "")
     torch.save({"labels": labels, "gt": gt, "parts": parts}, args.out / f"two_stage_eval_{tag}.pt")
 
 

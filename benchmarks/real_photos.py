@@ -180,6 +180,9 @@ def train_and_test(name: str, run: Run, out: Path, num_workers: int, epochs: int
     trainer.fit(model, datamodule=data)
     minutes = (time.perf_counter() - start) / 60
     best = checkpoint.best_model_path
+    # read before predict(): restoring best.ckpt also restores the callbacks' states, and a best.ckpt written in
+    # the first epoch holds the last-epoch callback's state from before it had saved anything (path '')
+    last_path = final.best_model_path if final else None
     # one pass over the test images gives both the per-image rows and the top-1 (no separate trainer.test)
     rows = prediction_rows(trainer.predict(model, datamodule=data, ckpt_path=best))
     with open(run_dir / "test_predictions.csv", "w", newline="") as f:
@@ -202,7 +205,7 @@ def train_and_test(name: str, run: Run, out: Path, num_workers: int, epochs: int
         note=run.note,
     )
     if also_last:
-        last = prediction_rows(trainer.predict(model, datamodule=data, ckpt_path=final.best_model_path))
+        last = prediction_rows(trainer.predict(model, datamodule=data, ckpt_path=last_path))
         result["last_test_acc"] = round(float(np.mean([r["correct"] for r in last])), 4)
     (run_dir / "result.json").write_text(json.dumps(result, indent=1))
     return result

@@ -115,6 +115,12 @@ RUNS.update({
     "ts_oracle_view": Run(TWO_STAGE, dict(STAGE2, localization="ground_truth", crop_from="view"), "two-stage, ground-truth box, crop from the 224 view", SOURCE_DATA),
     "ts_oracle_source": Run(TWO_STAGE, dict(STAGE2, localization="ground_truth", crop_from="source"), "two-stage, ground-truth box, crop from the 448 source", SOURCE_DATA),
 })
+# issue 20 §3: the linear head's recipe search (3 epochs, seed 0, chosen on val); linear_head10x is the fourth setting
+RUNS.update({
+    "linear_lr02": Run(CLASSIFIER, dict(head="linear", lr=0.02), "linear, lr 0.02, head at 10x"),
+    "linear_head30x": Run(CLASSIFIER, dict(head="linear", head_lr_scale=30.0), "linear, lr 0.01, head at 30x"),
+    "linear_ls01": Run(CLASSIFIER, dict(head="linear", label_smoothing=0.1), "linear, head at 10x, label smoothing 0.1"),
+})
 DEFAULT_RUNS = ("linear", "mgff", "mgff_no_attention", "mgff_no_se", "mgff_no_gcn")
 
 

@@ -115,6 +115,15 @@ RUNS.update({
     "ts_oracle_view": Run(TWO_STAGE, dict(STAGE2, localization="ground_truth", crop_from="view"), "two-stage, ground-truth box, crop from the 224 view", SOURCE_DATA),
     "ts_oracle_source": Run(TWO_STAGE, dict(STAGE2, localization="ground_truth", crop_from="source"), "two-stage, ground-truth box, crop from the 448 source", SOURCE_DATA),
 })
+# issue 21 §1: single-stage at equal compute. The two-stage forward (stage 1 at 224 + stage 2 on a 224 crop, the
+# features box read from stage 1's maps) costs 2.0x one 224 px stage; EfficientNet's FLOPs grow with the side squared,
+# so 320 px (2.04x) matches it; the resize keeps the 256/224 ratio of the 224 runs.
+RUNS.update({
+    "ts_single_equal_flops": Run(CLASSIFIER, dict(head="linear", img_size=320), "single-stage linear at 320 px (2.04x the FLOPs of 224)",
+                                 dict(SOURCE_DATA, resize_size=366, crop_size=320)),
+    "ts_single_448": Run(CLASSIFIER, dict(head="linear", img_size=448), "single-stage linear at 448 px (4x the FLOPs of 224)",
+                         dict(SOURCE_DATA, resize_size=512, crop_size=448)),
+})
 # issue 20 §3: the linear head's recipe search (3 epochs, seed 0, chosen on val); linear_head10x is the fourth setting
 RUNS.update({
     "linear_lr02": Run(CLASSIFIER, dict(head="linear", lr=0.02), "linear, lr 0.02, head at 10x"),

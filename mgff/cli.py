@@ -62,7 +62,9 @@ class MGFFCLI(LightningCLI):
       (:class:`~mgff.callbacks.resume_state.ResumeStateCheckpoint`), so a run resumed mid-epoch
       continues as if it had not stopped;
     - the saved ``config.yaml`` is overwritten (a requeued SLURM job reuses its run directory);
-    - training stops at the first non-finite loss (:class:`~mgff.callbacks.nonfinite_loss.StopOnNonFiniteLoss`),
+    - training stops at the first non-finite training loss, and at the end of a validation with a non-finite
+      validation loss, monitored metric, parameter or buffer, before any checkpoint of that state is
+      written (:class:`~mgff.callbacks.nonfinite_loss.StopOnNonFiniteLoss`),
       and every checkpoint records the evaluation transform (:class:`~mgff.callbacks.eval_transform.EvalTransformInCheckpoint`).
 
     Checks at start-up, before anything is built: every output folder (``trainer.default_root_dir``, the
@@ -120,7 +122,8 @@ class MGFFCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs) -> Trainer:
         trainer = super().instantiate_trainer(**kwargs)
         # Always on, without config groups of their own. First in the list: Lightning keeps checkpoint
-        # callbacks last, and the non-finite stop must come before the preemption callback's save.
+        # callbacks last, and the non-finite stop must come before the preemption callback's save and
+        # before ModelCheckpoint's saves in on_validation_end / on_train_epoch_end.
         trainer.callbacks[:0] = [StopOnNonFiniteLoss(), ResumeStateCheckpoint(), EvalTransformInCheckpoint()]
         return trainer
 

@@ -9,8 +9,10 @@ test are collective (the test split is evaluated once, sharded over the ranks wi
 and rank 0 alone writes ``metrics.json`` and prints. A run stopped by a signal
 (:class:`~mgff.callbacks.preemption.PreemptionCheckpoint`) skips the test and exits with ``128 + signal``
 after saying which checkpoint to resume from. A run whose training loss turns NaN or infinite stops at
-that step (:class:`~mgff.callbacks.nonfinite_loss.StopOnNonFiniteLoss`), is not tested, writes no
-``metrics.json`` and exits non-zero with the step, epoch and loss terms.
+that step, and one whose validation loss, checkpoint-ranked metric, parameters or buffers do stops at
+the end of that validation, before any checkpoint of the state is written
+(:class:`~mgff.callbacks.nonfinite_loss.StopOnNonFiniteLoss`); it is not tested, writes no
+``metrics.json`` and exits with status 1, naming the step, epoch and loss terms.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ def run(args: list[str] | None = None) -> dict[str, Any]:
             then = "the requeued SLURM job resumes from it by itself" if stop.requeued else f"rerun with --ckpt_path {stop.checkpoint}"
             print(f"mgff: {stop}; not tested; {then}")
         raise
-    except NonFiniteLossError as err:
+    except NonFiniteLossError as err:  # also NonFiniteStateError (validation loss, parameters, buffers)
         if trainer.is_global_zero:
             print(f"mgff: {err} Not tested, no metrics.json written.")
         raise

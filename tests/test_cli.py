@@ -18,9 +18,10 @@ import yaml
 from PIL import Image
 from safetensors.torch import save_file
 
-from mgff.callbacks.nonfinite_loss import NonFiniteLossError
+from mgff.callbacks.nonfinite_loss import NonFiniteLossError, NonFiniteStateError
 from mgff.cli import main as cli_main
 from mgff.fit import run as fit_run
+from mgff.lit import TwoStageClassifier
 from mgff.predict_folder import main as predict_folder_main
 
 DEMO = str(Path(__file__).resolve().parents[1] / "experiments" / "demo.yaml")
@@ -142,6 +143,31 @@ def test_nonfinite_loss_stops_the_run_without_checkpoint_or_metrics(cub_root, tm
         fit_run(tiny_args(tmp_path, cub_root, "--model.init_args.lr", "1e6", "--trainer.limit_train_batches", "6"))
     assert not list(tmp_path.rglob("*.ckpt")) and not list(tmp_path.rglob("metrics.json"))
     assert "no metrics.json written" in capsys.readouterr().out
+
+
+def test_one_step_divergence_seen_only_by_validation_stops_before_any_checkpoint(cub_root, tmp_path, capsys):
+    """The issue's case: one training step (batch 32 > the 21 training images) with a finite loss, after which
+    AdamW with lr 1e6 leaves finite weights whose forward overflows: val/loss is NaN. Before the check the run
+    saved best-epoch000-acc0.2500.ckpt and last.ckpt, tested them and wrote metrics.json."""
+    with pytest.raises(NonFiniteStateError, match=r"^non-finite validation loss nan on rank 0 at the end of epoch 0's validation \(global step 1\); loss terms: ce1=nan, ce2=nan"):
+        fit_run(tiny_args(tmp_path, cub_root, "--model.init_args.lr", "1000000", "--data.init_args.batch_size", "32"))
+    assert not list(tmp_path.rglob("*.ckpt")) and not list(tmp_path.rglob("metrics.json"))
+    assert "no metrics.json written" in capsys.readouterr().out
+
+
+def test_nan_only_in_validation_stops_before_any_checkpoint(cub_root, tmp_path, monkeypatch):
+    forward_outputs = TwoStageClassifier.forward_outputs
+
+    def nan_in_validation(self, images, batch=None):
+        logits, aux_loss, extras = forward_outputs(self, images, batch)
+        if self.trainer.validating and not self.trainer.sanity_checking:  # training and the sanity check stay finite
+            logits = {name: out * float("nan") for name, out in logits.items()}
+        return logits, aux_loss, extras
+
+    monkeypatch.setattr(TwoStageClassifier, "forward_outputs", nan_in_validation)
+    with pytest.raises(NonFiniteStateError, match=r"^non-finite validation loss nan on rank 0 at the end of epoch 0's validation \(global step 2\); .*parameters and buffers finite"):
+        fit_run(tiny_args(tmp_path, cub_root))
+    assert not list(tmp_path.rglob("*.ckpt")) and not list(tmp_path.rglob("metrics.json"))
 
 
 def test_unwritable_checkpoint_folder_fails_before_training(cub_root, tmp_path):

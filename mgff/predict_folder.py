@@ -15,6 +15,7 @@ weights: :meth:`~mgff.lit.FineGrainedClassifier.load_from_checkpoint`); the eval
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -30,7 +31,15 @@ from mgff.cli import setup_logging
 from mgff.lit import FineGrainedClassifier, TwoStageClassifier
 from mgff.lit.checkpoint import plain_hyperparameters, resolve_model_class
 
-__all__ = ["predict_folder"]
+__all__ = ["default_num_workers", "predict_folder"]
+
+
+def default_num_workers(at_most: int = 4) -> int:
+    """Loader workers when none are asked for: ``at_most``, but no more than the CPUs this process may run on
+    (``os.sched_getaffinity``: a SLURM or ``taskset`` allocation, not the machine's count; PyTorch warns when a
+    loader starts more workers than that)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(at_most, cpus))
 
 
 def predict_folder(
@@ -40,7 +49,7 @@ def predict_folder(
     output: str = "predictions.csv",
     top_k: int = 5,
     batch_size: int = 32,
-    num_workers: int = 4,
+    num_workers: Optional[int] = None,
     resize_size: Optional[int] = None,
     crop_size: Optional[int] = None,
     accelerator: str = "auto",
@@ -55,7 +64,7 @@ def predict_folder(
         output: the CSV to write.
         top_k: how many of the most probable classes to list per image.
         batch_size: images per batch.
-        num_workers: loader worker processes.
+        num_workers: loader worker processes (default: 4, or fewer when this process may use fewer CPUs).
         resize_size: square resize before the centre crop (default: the checkpoint's record).
         crop_size: centre crop, the model's input side (default: the checkpoint's record).
         accelerator: ``auto``, ``cpu``, ``gpu``...
@@ -90,7 +99,7 @@ def predict_folder(
         std=record.get("std", hparams.get("data_std")) or (0.229, 0.224, 0.225),
         source_size=record.get("source_size") if hparams.get("crop_from") == "source" else None,
         batch_size=batch_size,
-        num_workers=num_workers,
+        num_workers=default_num_workers() if num_workers is None else num_workers,
     )
     output_path = Path(output)
     writer = PredictionCSVWriter(output_dir=str(output_path.parent), filename=output_path.name, top_k=top_k)

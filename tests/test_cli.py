@@ -245,3 +245,18 @@ def test_predict_folder_of_new_photos(fitted, tmp_path, caplog, monkeypatch):
     assert 0 <= photo_box[0] < photo_box[2] <= 200 and 0 <= photo_box[1] < photo_box[3] <= 100
     assert rows["broken.jpg"]["top1_name"] == "" and "cannot decode image" in rows["broken.jpg"]["error"]
     assert "1 of 3 images could not be decoded" in caplog.text
+
+
+def test_predict_folder_starts_no_more_loader_workers_than_usable_cpus(fitted, tmp_path, monkeypatch):
+    import mgff.predict_folder as predict_folder_module
+
+    monkeypatch.setattr(predict_folder_module.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5, 6, 7}, raising=False)
+    assert predict_folder_module.default_num_workers() == 4
+    monkeypatch.setattr(predict_folder_module.os, "sched_getaffinity", lambda pid: {3}, raising=False)  # e.g. taskset -c 3
+    assert predict_folder_module.default_num_workers() == 1
+    built = []
+    real = predict_folder_module.UnlabeledFolderDataModule
+    monkeypatch.setattr(predict_folder_module, "UnlabeledFolderDataModule", lambda *a, **kw: built.append(kw["num_workers"]) or real(*a, **kw))
+    photo(tmp_path / "photos" / "a.jpg", (80, 80), 0)
+    predict_folder_main(["--ckpt_path", str(checkpoint_of(fitted)), "--images", str(tmp_path / "photos"), "--output", str(tmp_path / "p.csv")])
+    assert built == [1] and len(list(csv.DictReader(open(tmp_path / "p.csv")))) == 1

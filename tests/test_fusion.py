@@ -1,5 +1,6 @@
 """MGFF head (and the linear baseline head) on real backbones: shapes, gradients, ablations,
-node modes, pooling and attention choices, visualisation details, torch.compile, bf16 autocast."""
+node modes, pooling and attention choices, visualisation details, torch.compile, bf16 autocast; the
+residual head starts as the linear head, and each of its branches matters once trained a few steps."""
 
 import pytest
 import torch
@@ -37,6 +38,19 @@ def assert_all_have_gradients(module, what, allow_zero=False):
     assert not missing, f"{what} parameters without gradient: {missing}"
 
 
+def sgd_steps(head, maps, steps=3, lr=0.5, labels=None):
+    """A few SGD steps of ``head`` on fixed ``maps`` (CE + aux loss), in train mode; returns the head in eval mode."""
+    labels = torch.arange(maps[0].shape[0]) % NUM_CLASSES if labels is None else labels
+    optimizer = torch.optim.SGD(head.parameters(), lr=lr)
+    head.train()
+    for _ in range(steps):
+        out = head(maps)
+        (torch.nn.functional.cross_entropy(out.logits, labels) + out.aux_loss).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return head.eval()
+
+
 @pytest.mark.parametrize(
     "make_backbone, image_size",
     [
@@ -47,10 +61,15 @@ def assert_all_have_gradients(module, what, allow_zero=False):
     ],
     ids=["swin", "resnet", "convnext_atto", "vit"],
 )
-def test_gradients_reach_the_backbone_and_every_head_parameter(make_backbone, image_size):
+@pytest.mark.parametrize("residual", [True, False])
+def test_gradients_reach_the_backbone_and_every_head_parameter(make_backbone, image_size, residual):
+    torch.manual_seed(0)
     backbone = make_backbone()
-    head = MGFFHead(backbone.feature_channels, backbone.feature_reductions, NUM_CLASSES, **SMALL_HEAD)
-    out = head(backbone(torch.randn(2, 3, image_size, image_size)))
+    head = MGFFHead(backbone.feature_channels, backbone.feature_reductions, NUM_CLASSES, residual=residual, **SMALL_HEAD)
+    images = torch.randn(2, 3, image_size, image_size)
+    if residual:  # the fused classifier starts at zero: one step, then the layers behind it get gradients too
+        sgd_steps(head, [m.detach() for m in backbone(images)], steps=1)
+    out = head(backbone(images))
     assert isinstance(out, HeadOutput)
     assert out.logits.shape == (2, NUM_CLASSES)
     grid = image_size // max(backbone.feature_reductions)
@@ -85,9 +104,10 @@ def test_maps_off_the_coarsest_grid_are_pooled_onto_it():
     "switch, module_name",
     [("use_attention", "attention"), ("use_se", "se"), ("use_gcn", "graph")],
 )
-def test_each_ablation_switch_removes_its_module(swin_features, switch, module_name):
-    full = make_head(swin_features)
-    ablated = make_head(swin_features, **{switch: False})
+@pytest.mark.parametrize("residual", [True, False])
+def test_each_ablation_switch_removes_its_module(swin_features, switch, module_name, residual):
+    full = make_head(swin_features, residual=residual)
+    ablated = make_head(swin_features, residual=residual, **{switch: False})
     assert getattr(full, module_name) is not None
     assert getattr(ablated, module_name) is None
     assert not any(n.startswith(module_name + ".") for n, _ in ablated.named_parameters())
@@ -96,15 +116,18 @@ def test_each_ablation_switch_removes_its_module(swin_features, switch, module_n
     if switch == "use_gcn":
         assert out.assignment is None
         assert out.aux_loss.item() == 0 and out.aux_loss.device == out.logits.device
-        assert ablated.classifier.in_features == 3 * SMALL_HEAD["dim"]  # mean of concatenated nodes
+        fused_classifier = ablated.fusion_classifier if residual else ablated.classifier
+        assert fused_classifier.in_features == 3 * SMALL_HEAD["dim"]  # mean of concatenated nodes
     else:
         assert out.aux_loss.item() != 0
 
 
 def test_everything_off_is_align_mean_linear(swin_features):
-    head = make_head(swin_features, use_attention=False, use_se=False, use_gcn=False)
+    head = make_head(swin_features, use_attention=False, use_se=False, use_gcn=False, residual=False)
     names = {n.split(".")[0] for n, _ in head.named_parameters()}
     assert names == {"align", "readout_norm", "classifier"}
+    residual = make_head(swin_features, use_attention=False, use_se=False, use_gcn=False)
+    assert {n.split(".")[0] for n, _ in residual.named_parameters()} == names | {"norm", "fusion_classifier"}
     assert head(swin_features[0]).logits.shape == (2, NUM_CLASSES)
 
 
@@ -154,6 +177,8 @@ def test_torch_compile_whole_graph(swin_features):
     head = make_head(swin_features, attention="acmix", nodes="per_scale", adjacency="both", dropout=0.0)
     compiled = torch.compile(head, backend="aot_eager", fullgraph=True)
     maps = swin_features[0]
+    sgd_steps(head, maps, steps=1)  # the residual head's fused path needs a step before every layer has a gradient
+    head.train()
     out, expected = compiled(maps), head(maps)
     torch.testing.assert_close(out.logits, expected.logits)
     torch.testing.assert_close(out.aux_loss, expected.aux_loss)
@@ -220,7 +245,7 @@ def test_align_last_false_needs_the_width_of_the_last_map(swin_features):
 def test_logits_depend_on_the_super_node_assignment(swin_features):
     # with the old sum-pooling readout, the assignment layer never reached the logits
     torch.manual_seed(0)
-    head = make_head(swin_features, use_attention=False, use_se=False).eval()
+    head = make_head(swin_features, use_attention=False, use_se=False, residual=False).eval()
     before = head(swin_features[0]).logits
     with torch.no_grad():
         head.graph.assign.weight.mul_(5.0).add_(torch.randn_like(head.graph.assign.weight))
@@ -235,8 +260,85 @@ def test_readout_norm_gives_the_classifier_a_normalised_vector(swin_features):
     seen = {}
     for readout_norm in (True, False):
         torch.manual_seed(0)
-        head = make_head(swin_features, readout_norm=readout_norm).eval()
+        head = make_head(swin_features, readout_norm=readout_norm, residual=False).eval()
         head.classifier.register_forward_hook(lambda m, i, o, key=readout_norm: seen.__setitem__(key, i[0]))
         head(swin_features[0])
     torch.testing.assert_close(seen[True].var(dim=-1, unbiased=False), torch.ones(2), atol=1e-2, rtol=0)
     assert seen[False].var(dim=-1).max() < 0.5
+
+
+# ----- the residual head (fusion_residual, the default) -----------------------------------------
+
+
+@pytest.mark.parametrize(
+    "make_backbone, kwargs",
+    [
+        (tiny_swin, {}),
+        (tiny_swin, dict(attention="acmix", nodes="per_scale", adjacency="both", pool="diffpool")),
+        (lambda: TimmBackbone("test_resnet", out_indices=(-3, -2, -1)), {}),
+    ],
+    ids=["swin", "swin_other_options", "resnet"],
+)
+def test_residual_head_at_initialisation_is_the_linear_head(make_backbone, kwargs):
+    torch.manual_seed(0)
+    backbone = make_backbone()
+    maps = backbone(torch.randn(3, 3, 96, 96))
+    linear = LinearHead(backbone.feature_channels, backbone.feature_reductions, NUM_CLASSES).eval()
+    head = MGFFHead(backbone.feature_channels, backbone.feature_reductions, NUM_CLASSES, **{**SMALL_HEAD, **kwargs}).eval()
+    head.norm.load_state_dict(linear.norm.state_dict())
+    head.classifier.load_state_dict(linear.classifier.state_dict())
+    torch.testing.assert_close(head(maps).logits, linear(maps).logits, atol=1e-6, rtol=0)
+    # the same classifier init as the linear head's, so a run of either starts from the same kind of logits
+    assert head.classifier.weight.std().item() == pytest.approx(linear.classifier.weight.std().item(), rel=0.1)
+
+
+BRANCHES = {
+    "align": lambda h: h.align,
+    "attention": lambda h: h.attention,
+    "attention_scale": lambda h: h.attention_scale,
+    "se": lambda h: h.se,
+    "se_scale": lambda h: h.se_scale,
+    "gcn": lambda h: h.graph.convs,
+    "gcn_skip": lambda h: h.graph.skip,
+    "gcn_scale": lambda h: h.graph.scales,
+    "super_nodes": lambda h: h.graph.assign,
+    "readout_norm": lambda h: h.readout_norm,
+    "fusion_classifier": lambda h: h.fusion_classifier,
+    "base_norm": lambda h: h.norm,
+}
+
+
+def perturbed_change(head, branch, maps):
+    """Largest change of the eval logits when only ``branch``'s weights are perturbed."""
+    before = head(maps).logits
+    with torch.no_grad():
+        for p in BRANCHES[branch](head).parameters():
+            p.add_(torch.randn_like(p) * (p.abs().mean() + 0.1))
+    return (head(maps).logits - before).abs().max().item()
+
+
+@pytest.mark.parametrize("branch", sorted(BRANCHES))
+def test_each_branch_of_the_residual_head_matters_after_a_few_steps(swin_features, branch):
+    torch.manual_seed(0)
+    maps = swin_features[0]
+    head = sgd_steps(make_head(swin_features), maps, steps=3)
+    assert perturbed_change(head, branch, maps) > 1e-3, f"{branch} does not reach the logits after 3 steps"
+
+
+def test_two_zero_factors_in_series_stay_zero_for_a_step(swin_features):
+    # layer_scale=0 puts a second zero behind SE's branch (gamma, then the zero fused classifier): after one step
+    # gamma has had no gradient (the classifier was still zero), so SE's weights do not reach the logits yet;
+    # after the second step they do. The default layer_scale > 0 keeps one zero factor per path. (No GCN: its
+    # pooling loss would reach gamma directly.)
+    maps = swin_features[0]
+    changes = []
+    for steps in (1, 3):
+        torch.manual_seed(0)
+        head = sgd_steps(make_head(swin_features, layer_scale=0.0, use_gcn=False), maps, steps=steps, lr=0.05)
+        changes.append(perturbed_change(head, "se", maps))
+    assert changes[0] == 0.0 and changes[1] > 1e-6  # small: gamma has had one step (about 2e-3)
+
+
+def test_negative_layer_scale_is_refused(swin_features):
+    with pytest.raises(ValueError, match="layer_scale must be >= 0"):
+        make_head(swin_features, layer_scale=-0.1)

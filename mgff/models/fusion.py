@@ -23,6 +23,29 @@ shrink it) and, under SGD, the classifier's effective step scales with the squar
 on real CUB photos, with the head at 10x lr, it stayed near chance (val top-1 0.19 after one epoch,
 the linear head 0.61; BENCHMARKS.md, which also shows that with the norm the head needs a lower lr).
 
+**The residual head (``residual=True``, the default).** The paper's claim for its GCN and pooling is that
+"这种方法的优点是可以更有效地集成每个点的特征,而不会破坏主干模型输出的结果" ("the advantage of this method is that it
+integrates the features of every point more effectively *without destroying what the backbone outputs*").
+The paper does not say how the head is initialised or wired [not stated]; this head makes that claim hold
+from the first step:
+
+- a **base path** that *is* the linear head (:class:`~mgff.models.heads.LinearHead`): LayerNorm2d on the
+  last map, global average pool, dropout, ``classifier``. At initialisation (eval mode) the head's logits
+  are exactly the linear head's with the same ``norm``/``classifier`` weights;
+- the **fused path** (steps 1-7 above) enters the logits through its own ``fusion_classifier``,
+  initialised to zero: ``logits = classifier(pool(norm(last))) + fusion_classifier(readout)``;
+- inside the fused path each step is a residual whose branch starts small and is learned, with timm's
+  ``LayerScale`` (per-channel ``gamma``, initialised to ``layer_scale``): spatial attention
+  ``x + gamma * attn(norm(x))``; SE ``x + gamma * (se(x) - x)`` (the identity at ``gamma = 0``, where the
+  plain SE halves the map at initialisation); every GCN layer ``x + gamma * GELU(GCN(x))`` with a linear
+  skip where the width changes (:class:`~mgff.models.graph.GraphPooling`, ``residual=True``).
+
+So the fused path has exactly one zero factor in series (``fusion_classifier``): it gets a gradient at
+the first step, every layer behind it from the second. ``residual=False`` is the head as the paper's
+figure draws it (and as mgff had it before): the super-node readout alone feeds ``classifier``. On real
+photos (BENCHMARKS.md "Real photos: fusion head") that head lost 9-12 points to a well-trained linear
+head, and this one is measured against it there.
+
 **Which maps: the paper's words and this reading.** The seed (§1.4.2) says:
 "需要将每一层变换为每个特征的统一尺寸(最后一层除外)... 总共需要处理三个特征图。它们的大小分别为
 48 × 48 × 256、24 × 24 × 512 和 12 × 12 × 1024。使用内核大小为 4 × 4、2 × 2 和 1 × 1 的卷积。所有特征图的
@@ -54,7 +77,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from timm.layers import LayerNorm2d, SEModule, trunc_normal_
+from timm.layers import LayerNorm2d, LayerScale, LayerScale2d, SEModule, trunc_normal_
 from torch import Tensor, nn
 
 from mgff.models.attention import build_spatial_attention
@@ -92,11 +115,16 @@ class MGFFHead(nn.Module):
         align_last: the last map goes through a conv + norm like the others (``True``) or enters as
             it is (``False``, the paper's "最后一层除外"; its channels must equal ``dim`` and it must be
             on the coarsest grid).
+        residual: the base path is the linear head and the fused path is added through a
+            zero-initialised ``fusion_classifier`` (see above); ``False``: the fused readout alone.
+        layer_scale: initial ``gamma`` of the residual branches of attention, SE and GCN (``residual``
+            only; ``0`` starts them at the identity, and then each branch waits one more step for a
+            gradient).
 
     Shapes:
         ``forward([(B, C_i, H_i, W_i), ...]) -> HeadOutput(logits (B, num_classes), aux_loss (),
         assignment (B, N, K) or None)`` with ``N = H * W`` (concat) or ``S * H * W`` (per_scale) on
-        the coarsest grid ``H x W``.
+        the coarsest grid ``H x W``; the base path reads the last map ``(B, C_last, h, w)``.
     """
 
     def __init__(
@@ -121,6 +149,8 @@ class MGFFHead(nn.Module):
         max_grid: int = 32,
         align_last: bool = True,
         readout_norm: bool = True,
+        residual: bool = True,
+        layer_scale: float = 0.1,
     ) -> None:
         super().__init__()
         if len(in_channels) != len(reductions) or not in_channels:
@@ -136,7 +166,9 @@ class MGFFHead(nn.Module):
                 f"align_last=False feeds the last map as it is: it needs {dim} channels (dim) on the coarsest "
                 f"grid (reduction {coarsest}), got {in_channels[-1]} channels at reduction {reductions[-1]}"
             )
-        self.nodes = nodes
+        if residual and layer_scale < 0:
+            raise ValueError(f"layer_scale must be >= 0, got {layer_scale}")
+        self.nodes, self.residual = nodes, residual
         self.coarsest_index = list(reductions).index(coarsest)
 
         # 1. align every map to the coarsest grid and width dim.
@@ -164,6 +196,10 @@ class MGFFHead(nn.Module):
             if use_se
             else None
         )
+        # residual branches of steps 2 and 3 start at layer_scale
+        scales = lambda make, on: nn.ModuleList(make(dim, layer_scale) for _ in in_channels) if residual and on else None  # noqa: E731
+        self.attention_scale = scales(LayerScale, use_attention)
+        self.se_scale = scales(LayerScale2d, use_se)
         # 4-6. nodes, GCN, pooling.
         node_dim = num_scales * dim if nodes == "concat" else dim
         if use_gcn:
@@ -178,15 +214,30 @@ class MGFFHead(nn.Module):
                 num_scales=num_scales if nodes == "per_scale" else 1,
                 max_grid=max_grid,
                 dropout=dropout,
+                residual=residual,
+                layer_scale=layer_scale,
             )
         else:
             out_dim, self.graph = node_dim, None
         # 7. classify.
         self.readout_norm = nn.LayerNorm(out_dim) if readout_norm else nn.Identity()
         self.dropout = nn.Dropout(dropout)
-        self.classifier = nn.Linear(out_dim, num_classes)
+        if residual:
+            # the base path: the linear head's norm and classifier on the last map (same names, same init)
+            self.norm = LayerNorm2d(int(in_channels[-1]))
+            self.classifier = nn.Linear(int(in_channels[-1]), num_classes)
+            self.fusion_classifier = nn.Linear(out_dim, num_classes)
+            nn.init.zeros_(self.fusion_classifier.weight)
+            nn.init.zeros_(self.fusion_classifier.bias)
+        else:
+            self.classifier = nn.Linear(out_dim, num_classes)
         trunc_normal_(self.classifier.weight, std=0.02)
         nn.init.zeros_(self.classifier.bias)
+
+    def classifier_modules(self) -> list[nn.Module]:
+        """The modules that turn a pooled vector into logits (the optimiser's ``classifier`` group): the
+        base path's norm and classifier and the fused path's classifier (``residual``), else ``classifier``."""
+        return [self.norm, self.classifier, self.fusion_classifier] if self.residual else [self.classifier]
 
     def enhance(self, features: Sequence[Tensor], record: dict | None = None) -> list[Tensor]:
         """Steps 1-3: ``[(B, C_i, H_i, W_i)] -> [(B, dim, H, W)]`` on the coarsest grid ``H x W``.
@@ -205,17 +256,21 @@ class MGFFHead(nn.Module):
             record["attention"] = []
         if self.attention is not None:
             enhanced = []
-            for norm, attention, m in zip(self.attention_norm, self.attention, maps):
+            scales = self.attention_scale or [nn.Identity()] * len(maps)
+            for norm, attention, scale, m in zip(self.attention_norm, self.attention, scales, maps):
                 x = m.permute(0, 2, 3, 1)  # (B, H, W, dim)
                 normed = norm(x)
-                x = x + attention(normed)
+                x = x + scale(attention(normed))
                 enhanced.append(x.permute(0, 3, 1, 2))
                 if record is not None:
                     get_map = getattr(attention, "attention_map", None)
                     record["attention"].append(get_map(normed) if get_map else None)
             maps = enhanced
         if self.se is not None:
-            maps = [se(m) for se, m in zip(self.se, maps)]
+            if self.se_scale is None:
+                maps = [se(m) for se, m in zip(self.se, maps)]
+            else:
+                maps = [m + scale(se(m) - m) for se, scale, m in zip(self.se, self.se_scale, maps)]
         if record is not None:
             record["enhanced"] = list(maps)
         return maps
@@ -229,7 +284,7 @@ class MGFFHead(nn.Module):
         stacked = torch.stack(list(maps), dim=1)  # (B, S, dim, H, W)
         return stacked.permute(0, 1, 3, 4, 2).reshape(b, len(maps) * h * w, c)
 
-    def _classify(self, maps: list[Tensor]) -> tuple[HeadOutput, Tensor]:
+    def _classify(self, maps: list[Tensor], last: Tensor) -> tuple[HeadOutput, Tensor]:
         nodes = self.to_nodes(maps)
         if self.graph is not None and nodes.shape[1] < 2:
             # one node has no edges: the pooling losses are 0/0 and would turn every weight into NaN
@@ -243,13 +298,18 @@ class MGFFHead(nn.Module):
             pooled = super_nodes.mean(dim=1)
         else:
             pooled, assignment = nodes.mean(dim=1), None
-        logits = self.classifier(self.dropout(self.readout_norm(pooled)))
+        fused = self.dropout(self.readout_norm(pooled))
+        if self.residual:
+            base = self.norm(last).mean(dim=(2, 3))  # (B, C_last): the linear head's pooled vector
+            logits = self.classifier(self.dropout(base)) + self.fusion_classifier(fused)
+        else:
+            logits = self.classifier(fused)
         if self.graph is None:
             aux_loss = logits.new_zeros(())
         return HeadOutput(logits, aux_loss, assignment), nodes
 
     def forward(self, features: Sequence[Tensor]) -> HeadOutput:
-        output, _ = self._classify(self.enhance(features))
+        output, _ = self._classify(self.enhance(features), features[-1])
         return output
 
     def forward_details(self, features: Sequence[Tensor]) -> dict:
@@ -263,7 +323,7 @@ class MGFFHead(nn.Module):
         """
         record: dict = {}
         maps = self.enhance(features, record)
-        output, nodes = self._classify(maps)
+        output, nodes = self._classify(maps, features[-1])
         record.update(
             output=output,
             nodes=nodes,

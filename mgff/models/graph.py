@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from timm.layers import LayerScale
 from torch import Tensor, nn
 from torch_geometric.nn.dense import DenseGCNConv, dense_diff_pool, dense_mincut_pool
 
@@ -178,6 +179,11 @@ class GraphPooling(nn.Module):
         max_grid: for ``learned``: largest grid side.
         top_k: for ``similarity``: neighbours kept per node.
         dropout: dropout after each GCN layer.
+        residual: each layer adds to its input, ``X + gamma * GELU(GCN(X))`` with timm's ``LayerScale``
+            ``gamma`` (initialised to ``layer_scale``) and a bias-free linear skip where the width
+            changes (the first layer, ``in_dim != hidden_dim``): the nodes reach the pooling as they came
+            in until the GCN has learned something to add (the residual MGFF head, :mod:`mgff.models.fusion`).
+        layer_scale: initial ``gamma`` of the residual layers.
 
     Shapes:
         ``forward(x: (B, N, F), grid_size: (H, W) | None) -> (super_nodes (B, K, hidden_dim),
@@ -197,6 +203,8 @@ class GraphPooling(nn.Module):
         max_grid: int = 32,
         top_k: int | None = 8,
         dropout: float = 0.0,
+        residual: bool = False,
+        layer_scale: float = 0.1,
     ) -> None:
         super().__init__()
         if pool not in POOL_KINDS:
@@ -214,6 +222,11 @@ class GraphPooling(nn.Module):
         self.act = nn.GELU()
         self.dropout = nn.Dropout(dropout)
         self.assign = nn.Linear(hidden_dim, num_super_nodes)
+        if residual:
+            self.skip = nn.Linear(in_dim, hidden_dim, bias=False) if in_dim != hidden_dim else nn.Identity()
+            self.scales = nn.ModuleList(LayerScale(hidden_dim, layer_scale) for _ in self.convs)
+        else:
+            self.skip = self.scales = None
 
     def build_adjacency(self, x: Tensor, grid_size: tuple[int, int] | None) -> Tensor:
         """``(B, N, N)`` adjacency for node features ``x (B, N, F)``."""
@@ -239,6 +252,10 @@ class GraphPooling(nn.Module):
         self, x: Tensor, grid_size: tuple[int, int] | None = None
     ) -> tuple[Tensor, Tensor, Tensor]:
         adj = self.build_adjacency(x, grid_size)
-        for conv in self.convs:
-            x = self.dropout(self.act(conv(x, adj)))
+        for i, conv in enumerate(self.convs):
+            update = self.dropout(self.act(conv(x, adj)))
+            if self.scales is None:
+                x = update
+            else:
+                x = (self.skip(x) if i == 0 else x) + self.scales[i](update)
         return pool_into_super_nodes(x, adj, self.assign(x), self.pool)

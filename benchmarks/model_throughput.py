@@ -51,7 +51,7 @@ from benchmarks.measure import (
     paired_ratio, parse_list, print_table, resolve_clock, time_interleaved, warm_up, write_json,
 )
 from benchmarks.presets import ATTENTION_CHOICES, MODEL_KINDS, PRESETS, backbones, build_model, image_size, set_timm_attention
-from mgff.lit.optim import build_optimizer, param_groups
+from mgff.lit.optim import build_optimizer
 
 DEFAULT_BATCH_SIZES = {"tiny": "8,32", "paper": "16,32"}
 
@@ -130,7 +130,7 @@ def make_train_step(model, images: torch.Tensor, labels: torch.Tensor, precision
     """One optimisation step of ``model`` on a fixed batch, as a zero-argument callable."""
     hp = model.hparams
     optimizer = build_optimizer(
-        hp.optimizer, param_groups(model.optimizer_modules(), hp.weight_decay), hp.lr, hp.momentum, hp.nesterov
+        hp.optimizer, model.optimizer_param_groups(), hp.lr, hp.momentum, hp.nesterov
     )
     device = images.device
 

@@ -152,3 +152,28 @@ def test_loaded_model_on_data_with_other_classes_is_refused_at_setup(tiny_model)
     batch = {"label": torch.tensor([0, 1, 2])}
     model.on_validation_batch_start(batch, 0)
     assert batch["label"].tolist() == [2, 0, 1]
+
+
+def test_a_fusion_checkpoint_from_before_the_residual_head_loads_as_the_plain_head(tmp_path):
+    # checkpoints saved before ``fusion_residual`` existed hold the plain MGFF head; the new default is residual
+    plain = FineGrainedClassifier(num_classes=3, class_names=NAMES, **{**TINY, "head": "mgff", "stages": [2, 3, 4]},
+                                  fusion_dim=16, num_heads=2, num_super_nodes=2, fusion_residual=False).eval()
+    path = save_checkpoint(tmp_path / "old.ckpt", plain)
+    checkpoint = torch.load(path, weights_only=True)
+    del checkpoint["hyper_parameters"]["fusion_residual"]
+    torch.save(checkpoint, path)
+    loaded = FineGrainedClassifier.load_from_checkpoint(path).eval()  # strict: every weight in its place
+    assert loaded.hparams.fusion_residual is False and not loaded.head.residual
+    images = torch.randn(2, 3, 64, 64)
+    torch.testing.assert_close(loaded(images).logits, plain(images).logits)
+    two_stage = TwoStageClassifier.from_stage1_checkpoint(path)
+    assert not two_stage.head.residual
+    # a model built with today's default (residual) refuses it, naming the key, instead of a strict-load error
+    residual = FineGrainedClassifier(num_classes=3, class_names=NAMES, **{**TINY, "head": "mgff", "stages": [2, 3, 4]},
+                                     fusion_dim=16, num_heads=2, num_super_nodes=2)
+    with pytest.raises(ValueError, match="fusion_residual: checkpoint False vs this model True"):
+        residual.on_load_checkpoint(checkpoint)
+    # a linear-head checkpoint without the key is not affected
+    linear_ckpt = torch.load(save_checkpoint(tmp_path / "linear.ckpt", FineGrainedClassifier(num_classes=3, class_names=NAMES, **TINY)), weights_only=True)
+    del linear_ckpt["hyper_parameters"]["fusion_residual"]
+    FineGrainedClassifier(num_classes=3, class_names=NAMES, **TINY).on_load_checkpoint(linear_ckpt)

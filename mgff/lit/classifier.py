@@ -20,7 +20,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from mgff.lit.checkpoint import class_order_map, plain_hyperparameters, resolve_model_class
 from mgff.metrics.parent_accuracy import ParentAccuracy
-from mgff.lit.optim import build_optimizer, cosine_schedule, param_groups
+from mgff.lit.optim import GroupRecipe, build_optimizer, group_lr_factors, head_parameter_roles, param_groups
 from mgff.models.backbone import TimmBackbone
 from mgff.models.fusion import MGFFHead
 from mgff.models.heads import HeadOutput, LinearHead
@@ -30,7 +30,22 @@ from mgff.models.pretrained import skip_pretrained_weights
 log = logging.getLogger("mgff")
 
 # hyperparameters that fix the shape of the weights: a checkpoint must agree on them to load
-ARCHITECTURE_KEYS = ("backbone", "head", "num_classes", "stages", "stage_inputs", "align_last", "fusion_dim", "attention", "use_attention", "use_se", "use_gcn", "graph_nodes")
+ARCHITECTURE_KEYS = (
+    "backbone", "head", "num_classes", "stages", "stage_inputs", "align_last", "fusion_dim", "attention", "use_attention", "use_se", "use_gcn",
+    "graph_nodes", "fusion_residual",
+)
+# what a checkpoint saved before an architecture key existed was trained with, for the heads the key applies to
+LEGACY_DEFAULTS = {"fusion_residual": ("mgff", False)}
+
+
+def with_legacy_defaults(hparams: dict[str, Any]) -> dict[str, Any]:
+    """``hparams`` of a checkpoint plus the values of :data:`LEGACY_DEFAULTS` it predates (a checkpoint of the
+    MGFF head from before ``fusion_residual`` holds the plain head and loads as one)."""
+    out = dict(hparams)
+    for key, (head, value) in LEGACY_DEFAULTS.items():
+        if key not in out and out.get("head", head) == head:
+            out[key] = value
+    return out
 
 
 class FineGrainedClassifier(L.LightningModule):
@@ -53,6 +68,10 @@ class FineGrainedClassifier(L.LightningModule):
         stages: backbone stages fed to the head (``[1, 2, 3]``: the last three, as the paper's 4x4/2x2/1x1
             convs; ``[0, 1, 2, 3]`` for all four). The linear head uses the last one.
         head: ``mgff`` (multi-granularity fusion) or ``linear`` (norm + average pool + linear).
+        fusion_residual: the MGFF head starts as the linear head and adds the fused path through a
+            zero-initialised classifier, each fusion step a residual (``mgff/models/fusion.py``); ``false`` is
+            the plain head (the fused readout alone). Checkpoints saved before this option load as ``false``.
+        fusion_layer_scale: initial scale of the residual head's attention, SE and GCN branches.
         fusion_dim: width every stage is projected to.
         attention: spatial attention of the fusion head: ``mhsa`` (relative position), ``hilo``, ``acmix``.
         num_heads: heads of that attention.
@@ -67,11 +86,20 @@ class FineGrainedClassifier(L.LightningModule):
         aux_loss_weight: weight of the pooling's auxiliary losses in the training loss.
         label_smoothing: cross-entropy label smoothing.
         optimizer: ``sgd`` or ``adamw``.
-        lr: base learning rate (backbone).
-        head_lr_scale: the head's learning rate is ``lr * head_lr_scale``.
+        lr: learning rate of the backbone.
+        head_lr_scale: the classifier's lr is ``lr * head_lr_scale`` (the linear head's norm + linear layer, the
+            residual MGFF head's base path and fused classifier), and the fusion layers' unless ``fusion_lr_scale``
+            is set. The three parameter roles (``backbone``, ``fusion``, ``classifier``) are defined in
+            :mod:`mgff.lit.optim`; every norm inside the fusion path is ``fusion``.
+        fusion_lr_scale: the fusion layers' lr is ``lr * fusion_lr_scale`` (``None``: ``head_lr_scale``).
         momentum / nesterov: SGD momentum.
-        weight_decay: weight decay (not on biases and norm weights).
-        warmup_epochs: linear warmup length in epochs (fractions allowed with ``scheduler_interval: step``), then cosine decay.
+        weight_decay: weight decay of the backbone, and of the other roles unless set below (never on biases,
+            norm weights and layer scales).
+        fusion_weight_decay / classifier_weight_decay: those roles' weight decay (``None``: ``weight_decay``).
+        warmup_epochs: linear warmup length in epochs (fractions allowed with ``scheduler_interval: step``), then cosine
+            decay; for the backbone, and for the other roles unless set below.
+        fusion_warmup_epochs / classifier_warmup_epochs: those roles' warmup (``None``: ``warmup_epochs``); each role's lr
+            has its own factor, so fresh layers can warm up while the backbone and classifier train at full lr.
         min_lr_ratio: the cosine schedule ends at ``lr * min_lr_ratio``.
         scheduler_interval: ``epoch`` (the paper: "调整每轮的学习率", the lr is set once per epoch) or ``step``
             (the cosine and warmup advance every step).
@@ -100,6 +128,8 @@ class FineGrainedClassifier(L.LightningModule):
         data_std: Sequence[float] = IMAGENET_DEFAULT_STD,
         stages: Sequence[int] = (1, 2, 3),
         head: Literal["mgff", "linear"] = "mgff",
+        fusion_residual: bool = True,
+        fusion_layer_scale: float = 0.1,
         fusion_dim: int = 256,
         attention: Literal["mhsa", "hilo", "acmix"] = "mhsa",
         num_heads: int = 8,
@@ -118,10 +148,15 @@ class FineGrainedClassifier(L.LightningModule):
         optimizer: Literal["sgd", "adamw"] = "sgd",
         lr: float = 2e-4,
         head_lr_scale: float = 1.0,
+        fusion_lr_scale: float | None = None,
         momentum: float = 0.9,
         nesterov: bool = False,
         weight_decay: float = 5e-4,
+        fusion_weight_decay: float | None = None,
+        classifier_weight_decay: float | None = None,
         warmup_epochs: float = 0.0,
+        fusion_warmup_epochs: float | None = None,
+        classifier_warmup_epochs: float | None = None,
         min_lr_ratio: float = 0.0,
         scheduler_interval: Literal["epoch", "step"] = "epoch",
         stage_inputs: Sequence[int] = (),
@@ -203,6 +238,8 @@ class FineGrainedClassifier(L.LightningModule):
             num_super_nodes=hp.num_super_nodes,
             dropout=hp.dropout,
             align_last=hp.get("align_last", True),
+            residual=hp.get("fusion_residual", False),
+            layer_scale=hp.get("fusion_layer_scale", 0.1),
         )
 
     def classify(self, images: Tensor) -> HeadOutput:
@@ -306,18 +343,37 @@ class FineGrainedClassifier(L.LightningModule):
         return out
 
     # ----- optimisation -------------------------------------------------------------------------
-    def optimizer_modules(self) -> list[tuple[nn.Module, float]]:
-        """``(module, lr)`` pairs to optimise; subclasses add theirs."""
+    def optimizer_parameters(self) -> list[tuple[str, list[nn.Parameter]]]:
+        """``(role, parameters)`` pairs to optimise (roles of :mod:`mgff.lit.optim`); subclasses add theirs."""
+        return [("backbone", list(self.backbone.parameters())), *head_parameter_roles(self.head)]
+
+    def group_recipes(self) -> dict[str, GroupRecipe]:
+        """lr, weight decay and warmup of each parameter role, from the hparams (see the class docstring)."""
         hp = self.hparams
-        return [(self.backbone, hp.lr), (self.head, hp.lr * hp.head_lr_scale)]
+        default = lambda key, fallback: fallback if hp.get(key) is None else hp.get(key)  # noqa: E731
+        return {
+            "backbone": GroupRecipe(hp.lr, hp.weight_decay, hp.warmup_epochs),
+            "fusion": GroupRecipe(
+                hp.lr * default("fusion_lr_scale", hp.head_lr_scale), default("fusion_weight_decay", hp.weight_decay),
+                default("fusion_warmup_epochs", hp.warmup_epochs),
+            ),
+            "classifier": GroupRecipe(
+                hp.lr * hp.head_lr_scale, default("classifier_weight_decay", hp.weight_decay), default("classifier_warmup_epochs", hp.warmup_epochs)
+            ),
+        }
+
+    def optimizer_param_groups(self) -> list[dict]:
+        """The optimiser's parameter groups: every trainable parameter once, in the group of its role."""
+        return param_groups(self.optimizer_parameters(), self.group_recipes())
 
     def configure_optimizers(self):
         hp = self.hparams
-        optimizer = build_optimizer(hp.optimizer, param_groups(self.optimizer_modules(), hp.weight_decay), hp.lr, hp.momentum, hp.nesterov)
-        factor, interval = cosine_schedule(
-            hp.get("scheduler_interval", "epoch"), self.trainer.estimated_stepping_batches, self.trainer.max_epochs, hp.warmup_epochs, hp.min_lr_ratio
+        groups = self.optimizer_param_groups()
+        optimizer = build_optimizer(hp.optimizer, groups, hp.lr, hp.momentum, hp.nesterov)
+        factors, interval = group_lr_factors(
+            groups, hp.get("scheduler_interval", "epoch"), self.trainer.estimated_stepping_batches, self.trainer.max_epochs, hp.min_lr_ratio
         )
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
 
     # ----- checkpoints --------------------------------------------------------------------------
@@ -347,7 +403,7 @@ class FineGrainedClassifier(L.LightningModule):
         checkpoint = pl_load(checkpoint_path, map_location=map_location, weights_only=True if weights_only is None else weights_only)
         if hparams_file is not None:
             checkpoint["hyper_parameters"] = load_hparams_from_yaml(hparams_file, use_omegaconf=False)
-        hparams = plain_hyperparameters(checkpoint.get("hyper_parameters", {}), source)
+        hparams = with_legacy_defaults(plain_hyperparameters(checkpoint.get("hyper_parameters", {}), source))
         class_path = hparams.pop("_class_path", None)
         if class_path is not None:
             resolve_model_class(class_path, FineGrainedClassifier, source)
@@ -362,7 +418,7 @@ class FineGrainedClassifier(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint of another architecture or class count with an error naming both, or one
         trained on other classes (listing them); adopt its class order when only the order differs."""
-        saved = plain_hyperparameters(checkpoint.get("hyper_parameters", {}), "checkpoint")
+        saved = with_legacy_defaults(plain_hyperparameters(checkpoint.get("hyper_parameters", {}), "checkpoint"))
         saved_names, current_names = saved.get("class_names"), self.hparams.get("class_names")
         if saved_names is not None and current_names is not None:
             data_names = self._data_class_names or list(current_names)

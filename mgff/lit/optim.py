@@ -1,26 +1,80 @@
-"""Optimiser and learning-rate schedule shared by mgff's LightningModules."""
+"""Optimiser and learning-rate schedule shared by mgff's LightningModules.
+
+Parameters are trained in three **roles**, each with its own lr, weight decay and warmup
+(:class:`GroupRecipe`), inside one optimiser (Lightning allows several only with manual optimisation,
+which gives up ``gradient_clip_val``):
+
+``backbone``    the pretrained network (and a second stage's copy);
+``fusion``      the fresh layers of a head between the backbone's maps and the classifier (the MGFF head's
+                align convs, attention, SE, GCN, pooling and every norm inside them);
+``classifier``  the layers that turn a pooled vector into logits (a head's ``classifier_modules()``: the
+                linear head's norm and linear layer, the residual MGFF head's base path and fused classifier).
+
+Within a role, 1-D parameters (biases, norm weights, layer scales) get no weight decay.
+"""
 
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+PARAM_ROLES = ("backbone", "fusion", "classifier")
 
-def param_groups(modules_and_lr: Iterable[tuple[nn.Module, float]], weight_decay: float) -> list[dict]:
-    """Parameter groups: each module at its own lr; biases and norm weights (1-D) without weight decay."""
+
+@dataclass(frozen=True)
+class GroupRecipe:
+    """How one role is trained: ``lr`` (peak, before the schedule's factor), ``weight_decay`` and
+    ``warmup_epochs`` (linear warmup of this role's lr from near 0, then the shared cosine)."""
+
+    lr: float
+    weight_decay: float
+    warmup_epochs: float = 0.0
+
+
+def head_parameter_roles(head: nn.Module) -> list[tuple[str, list[nn.Parameter]]]:
+    """``[("fusion", ...), ("classifier", ...)]``: the parameters of the head's ``classifier_modules()``
+    are ``classifier``, the rest ``fusion`` (a head without that method is all ``classifier``)."""
+    modules = head.classifier_modules() if hasattr(head, "classifier_modules") else [head]
+    classifier = list(dict.fromkeys(p for m in modules for p in m.parameters()))
+    chosen = {id(p) for p in classifier}
+    fusion = [p for p in head.parameters() if id(p) not in chosen]
+    return [("fusion", fusion), ("classifier", classifier)]
+
+
+def param_groups(parameters_by_role: Iterable[tuple[str, Iterable[nn.Parameter]]], recipes: Mapping[str, GroupRecipe]) -> list[dict]:
+    """Optimiser parameter groups: per role, one group with weight decay (``ndim >= 2``) and one without.
+
+    Args:
+        parameters_by_role: ``(role, parameters)`` pairs; a role may come several times (e.g. two backbones).
+        recipes: the :class:`GroupRecipe` of every role named.
+
+    Returns:
+        groups with ``params``, ``lr``, ``weight_decay``, ``role`` and ``warmup_epochs`` (read by
+        :func:`group_lr_factors`); frozen parameters are left out, a parameter given twice is refused.
+    """
+    params: dict[tuple[str, bool], list[nn.Parameter]] = {}
+    seen: dict[int, str] = {}
+    for role, parameters in parameters_by_role:
+        if role not in recipes:
+            raise ValueError(f"no recipe for parameter role {role!r}; known: {sorted(recipes)}")
+        for p in parameters:
+            if not p.requires_grad:
+                continue
+            if id(p) in seen:
+                raise ValueError(f"a parameter of shape {tuple(p.shape)} is in role {seen[id(p)]!r} and again in {role!r}")
+            seen[id(p)] = role
+            params.setdefault((role, p.ndim >= 2), []).append(p)
     groups = []
-    for module, lr in modules_and_lr:
-        decay, no_decay = [], []
-        for p in module.parameters():
-            if p.requires_grad:
-                (no_decay if p.ndim <= 1 else decay).append(p)
-        if decay:
-            groups.append({"params": decay, "lr": lr, "weight_decay": weight_decay})
-        if no_decay:
-            groups.append({"params": no_decay, "lr": lr, "weight_decay": 0.0})
+    for (role, decay), members in params.items():
+        recipe = recipes[role]
+        groups.append(
+            {"params": members, "lr": recipe.lr, "weight_decay": recipe.weight_decay if decay else 0.0, "role": role,
+             "warmup_epochs": recipe.warmup_epochs}
+        )
     return groups
 
 
@@ -66,3 +120,10 @@ def cosine_schedule(
         return warmup_cosine(max_epochs, round(warmup_epochs), min_lr_ratio), "epoch"
     steps_per_epoch = total_steps / max_epochs
     return warmup_cosine(total_steps, round(warmup_epochs * steps_per_epoch), min_lr_ratio), "step"
+
+
+def group_lr_factors(groups: list[dict], interval: str, total_steps: int, max_epochs: int, min_lr_ratio: float = 0.0) -> tuple[list, str]:
+    """One :func:`cosine_schedule` factor per parameter group (its own ``warmup_epochs``), for a ``LambdaLR``
+    over all groups: ``(factors, interval)``."""
+    factors = [cosine_schedule(interval, total_steps, max_epochs, g.get("warmup_epochs", 0.0), min_lr_ratio)[0] for g in groups]
+    return factors, interval

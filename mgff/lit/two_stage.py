@@ -17,12 +17,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mgff.lit.checkpoint import plain_hyperparameters
-from mgff.lit.classifier import FineGrainedClassifier
+from mgff.lit.classifier import FineGrainedClassifier, with_legacy_defaults
 from mgff.metrics.box_iou import BoxIoU
 from mgff.models.cropper.attention_cropper import AttentionCropper
 from mgff.models.cropper.crops import CropOutput, crop_and_resize
 from mgff.models.cropper.feature_localizer import FeatureLocalizer
 from mgff.models.cropper.ground_truth import ground_truth_localization
+from mgff.lit.optim import head_parameter_roles
 from mgff.models.heads import HeadOutput
 from mgff.models.normalization import InputNormalization
 
@@ -166,7 +167,7 @@ class TwoStageClassifier(FineGrainedClassifier):
         and input normalisation are loaded (stage 2 shares them). For looking at a fine-tuned classifier's
         localisation (``benchmarks/box_quality.py``, notebook 02) without training a two-stage model."""
         checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-        hparams = plain_hyperparameters(checkpoint.get("hyper_parameters", {}), str(checkpoint_path))
+        hparams = with_legacy_defaults(plain_hyperparameters(checkpoint.get("hyper_parameters", {}), str(checkpoint_path)))
         kwargs = {k: v for k, v in hparams.items() if not k.startswith("_")}
         kwargs.update(pretrained=False, localization="features")  # the checkpoint holds the weights
         kwargs.update(overrides)
@@ -339,11 +340,12 @@ class TwoStageClassifier(FineGrainedClassifier):
     def on_test_epoch_end(self) -> None:
         self._log_box_iou("test")
 
-    def optimizer_modules(self) -> list[tuple[nn.Module, float]]:
-        hp = self.hparams
-        modules = super().optimizer_modules()
+    def optimizer_parameters(self) -> list[tuple[str, list[nn.Parameter]]]:
+        """Stage 1's roles, a second stage's backbone and head in the same roles, and a trainable ViT cropper
+        (with its own classification head) in ``classifier``, at the head's lr."""
+        roles = super().optimizer_parameters()
         if self.backbone2 is not None:
-            modules += [(self.backbone2, hp.lr), (self.head2, hp.lr * hp.head_lr_scale)]
-        if hp.cropper_trainable:
-            modules.append((self.cropper, hp.lr * hp.head_lr_scale))
-        return modules
+            roles += [("backbone", list(self.backbone2.parameters())), *head_parameter_roles(self.head2)]
+        if self.hparams.cropper_trainable:
+            roles.append(("classifier", list(self.cropper.parameters())))
+        return roles

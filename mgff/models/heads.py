@@ -62,6 +62,10 @@ class LinearHead(nn.Module):
         trunc_normal_(self.classifier.weight, std=0.02)
         nn.init.zeros_(self.classifier.bias)
 
+    def classifier_modules(self) -> list[nn.Module]:
+        """All of it: the optimiser's ``classifier`` role (:mod:`mgff.lit.optim`)."""
+        return [self.norm, self.classifier]
+
     def forward(self, features: Sequence[Tensor]) -> HeadOutput:
         x = self.norm(features[-1]).mean(dim=(2, 3))
         logits = self.classifier(self.dropout(x))

@@ -86,6 +86,7 @@ def test_tuned_variant_changes_only_the_recipe(parse):
 # kind -> (variant, what the built model must show)
 KINDS = {
     "paper": (None, dict(two_stage=True, head="MGFFHead", attention=True, se=True, gcn=True, maps=4)),
+    "no_residual": ("ablation/no_residual.yaml", dict(two_stage=True, head="MGFFHead", attention=True, se=True, gcn=True, maps=4, residual=False)),
     "tuned": ("tuned.yaml", dict(two_stage=True, head="MGFFHead", attention=True, se=True, gcn=True, maps=3)),
     "no_attention": ("ablation/no_attention.yaml", dict(two_stage=True, head="MGFFHead", attention=False, se=True, gcn=True, maps=4)),
     "no_se": ("ablation/no_se.yaml", dict(two_stage=True, head="MGFFHead", attention=True, se=False, gcn=True, maps=4)),
@@ -137,6 +138,7 @@ def test_each_kind_builds_with_a_tiny_backbone_and_runs(kind, cub_root, tmp_path
         assert (head.attention is not None, head.se is not None, head.graph is not None) == (
             expect["attention"], expect["se"], expect["gcn"]
         )
+        assert head.residual is expect.get("residual", True)
     if kind == "paper":
         assert model.backbone.feature_modules[-1] == "layers.3 + norm"
         assert isinstance(head.align[-1], torch.nn.Identity)

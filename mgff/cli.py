@@ -26,6 +26,7 @@ from mgff.callbacks.nonfinite_loss import StopOnNonFiniteLoss
 from mgff.callbacks.preemption import PreemptionCheckpoint
 from mgff.callbacks.prediction_writer import PredictionCSVWriter
 from mgff.callbacks.resume_state import ResumeStateCheckpoint
+from mgff.callbacks.test_predictions import TestPredictionWriter
 from mgff.lit.checkpoint import plain_hyperparameters, resolve_model_class
 from mgff.models.pretrained import skip_pretrained_weights
 
@@ -54,7 +55,9 @@ class MGFFCLI(LightningCLI):
       network's own normalisation);
     - ``checkpoint``: ``ModelCheckpoint`` keeping the best by ``val/acc`` (override e.g.
       ``--checkpoint.save_top_k=3``); ``last_checkpoint``: ``last.ckpt``, the state after the latest epoch;
-    - ``prediction_writer``: ``predict`` writes ``predictions.csv`` into the run directory;
+    - ``prediction_writer``: ``predict`` writes ``predictions.csv`` into the run directory; ``test`` (also the
+      one at the end of ``mgff.fit``) writes ``test_predictions.csv`` there, one row per test image
+      (:class:`~mgff.callbacks.test_predictions.TestPredictionWriter`, always on);
     - ``preemption``: on ``SIGUSR1``/``SIGTERM``, checkpoint at the end of a training step
       (``hpc_ckpt_N.ckpt`` in ``trainer.default_root_dir``), requeue on SLURM and stop
       (``--preemption.signals=[]`` turns it off);
@@ -124,7 +127,7 @@ class MGFFCLI(LightningCLI):
         # Always on, without config groups of their own. First in the list: Lightning keeps checkpoint
         # callbacks last, and the non-finite stop must come before the preemption callback's save and
         # before ModelCheckpoint's saves in on_validation_end / on_train_epoch_end.
-        trainer.callbacks[:0] = [StopOnNonFiniteLoss(), ResumeStateCheckpoint(), EvalTransformInCheckpoint()]
+        trainer.callbacks[:0] = [StopOnNonFiniteLoss(), ResumeStateCheckpoint(), EvalTransformInCheckpoint(), TestPredictionWriter()]
         return trainer
 
     # ----- checkpoints as untrusted input ---------------------------------------------------------

@@ -80,6 +80,16 @@ def test_fit_tests_best_checkpoint_and_writes_metrics_json(fitted):
     assert (run_dir / "config.yaml").is_file()
 
 
+def test_fit_writes_the_tests_per_image_predictions(fitted):
+    tmp, metrics = fitted
+    rows = list(csv.DictReader(open(tmp / "demo" / "version_0" / "test_predictions.csv")))
+    assert len(rows) == 24 and len({r["index"] for r in rows}) == 24  # the whole test split, once each
+    assert {"index", "path", "label", "label_name", "pred", "pred_name", "prob", "correct", "box_x1"} <= rows[0].keys()
+    assert all(r["correct"] == str(int(r["pred"] == r["label"])) for r in rows)
+    assert sum(int(r["correct"]) for r in rows) / len(rows) == pytest.approx(metrics["test/acc"], abs=1e-6)
+    assert not (tmp / "demo" / "version_0" / "predictions.csv").exists()  # predict's file is another one
+
+
 def test_num_classes_linked_from_data(fitted):
     tmp, _ = fitted
     ckpt = torch.load(tmp / "demo" / "version_0" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)

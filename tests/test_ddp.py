@@ -106,3 +106,18 @@ def test_ddp_accuracies_equal_single_process_evaluation(ddp_run, odd_sized_cub):
     assert val["val/acc"] == pytest.approx(metrics["best_val/acc"], abs=1e-7)
     assert test["test/acc"] == pytest.approx(metrics["test/acc"], abs=1e-7)
     assert test["test/stage2_acc"] == pytest.approx(metrics["test/stage2_acc"], abs=1e-7)
+
+
+def test_ddp_test_predictions_merge_both_ranks_once(ddp_run):
+    """The run's own test writes test_predictions.csv: rank 0 merges the ranks' parts (13 + 12 images),
+    each test image once, and the per-image results are the ones test/acc counted."""
+    import csv
+
+    run_dir, _ = ddp_run
+    version = run_dir / "ddp" / "version_0"
+    rows = list(csv.DictReader(open(version / "test_predictions.csv")))
+    assert [int(r["index"]) for r in rows] == list(range(25)) and len({r["path"] for r in rows}) == 25
+    assert not list(version.glob(".test_predictions.csv.rank*"))  # the parts were merged and removed
+    metrics = json.loads((version / "metrics.json").read_text())
+    assert sum(int(r["correct"]) for r in rows) / 25 == pytest.approx(metrics["test/acc"], abs=1e-6)
+    assert all(int(r["correct"]) == (r["pred"] == r["label"]) for r in rows)

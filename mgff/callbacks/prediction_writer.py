@@ -50,53 +50,71 @@ class PredictionCSVWriter(BasePredictionWriter):
         self._rows = []
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0) -> None:
-        if not prediction:
-            return
-        names: Sequence[str] | None = getattr(pl_module.hparams, "class_names", None)
-        name = (lambda i: names[i]) if names else (lambda i: "")  # noqa: E731
-        cols = {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in prediction.items()}
-        k = min(self.top_k, cols["probs"].shape[-1]) if "probs" in cols else 0
-        top_prob, top_index = cols["probs"].topk(k, dim=-1) if k else (None, None)
-        for i in range(len(cols["index"])):
-            error = cols["error"][i] if "error" in cols else ""
-            row: dict[str, Any] = {"index": int(cols["index"][i]), "path": cols["path"][i]}
-            if "label" in cols:
-                label = int(cols["label"][i])
-                row.update(label=label, label_name=name(label) if label >= 0 else "")
-            pred = int(cols["pred"][i])
-            row.update(pred=pred, pred_name=name(pred), prob=f"{float(cols['prob'][i]):.6f}")
-            for j in range(k):
-                row[f"top{j + 1}_name"] = name(int(top_index[i, j]))
-                row[f"top{j + 1}_prob"] = f"{float(top_prob[i, j]):.6f}"
-            for key, prefix in (("box", "box"), ("photo_box", "photo_box")):
-                if key in cols:
-                    row.update({f"{prefix}_{c}": f"{float(v):.1f}" for c, v in zip(("x1", "y1", "x2", "y2"), cols[key][i])})
-            if "error" in cols:
-                if error:  # no prediction for a file that could not be decoded
-                    row = {c: ("" if c not in ("index", "path") else v) for c, v in row.items()}
-                row["error"] = error
-            self._rows.append(row)
+        if prediction:
+            self._rows += prediction_rows(prediction, getattr(pl_module.hparams, "class_names", None), self.top_k)
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        out_dir = self._dir(trainer)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        part = out_dir / f".{self.filename}.rank{trainer.global_rank}"
-        _write_csv(part, self._rows)
-        trainer.strategy.barrier()
-        if trainer.is_global_zero:
-            rows: dict[int, dict[str, str]] = {}
-            for rank in range(trainer.world_size):
-                rank_part = out_dir / f".{self.filename}.rank{rank}"
-                with open(rank_part, newline="") as f:
-                    for row in csv.DictReader(f):
-                        rows.setdefault(int(row["index"]), row)
-                rank_part.unlink()
-            self.path = out_dir / self.filename
-            _write_csv(self.path, [rows[k] for k in sorted(rows)])
-            failed = sum(1 for row in rows.values() if row.get("error"))
+        self.path = write_merged_csv(trainer, self._dir(trainer), self.filename, self._rows)
+        if self.path is not None:
+            with open(self.path, newline="") as f:
+                rows = list(csv.DictReader(f))
+            failed = sum(1 for row in rows if row.get("error"))
             if failed:
                 log.warning("%d of %d images could not be decoded: no prediction, see the error column of %s", failed, len(rows), self.path)
-        trainer.strategy.barrier()
+
+
+def prediction_rows(prediction: dict[str, Any], class_names: Sequence[str] | None, top_k: int) -> list[dict[str, Any]]:
+    """CSV rows (one per image) of a ``predict_step`` output: ``index``, ``path``, ``pred``, ``prob``, ``probs``
+    ``(B, C)`` and optionally ``label``, ``error``, ``box``/``photo_box`` ``(B, 4)``; see :class:`PredictionCSVWriter`
+    for the columns. ``class_names`` give the ``*_name`` columns (empty without)."""
+    name = (lambda i: class_names[i]) if class_names else (lambda i: "")  # noqa: E731
+    cols = {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in prediction.items()}
+    k = min(top_k, cols["probs"].shape[-1]) if "probs" in cols else 0
+    top_prob, top_index = cols["probs"].topk(k, dim=-1) if k else (None, None)
+    rows = []
+    for i in range(len(cols["index"])):
+        error = cols["error"][i] if "error" in cols else ""
+        row: dict[str, Any] = {"index": int(cols["index"][i]), "path": cols["path"][i]}
+        if "label" in cols:
+            label = int(cols["label"][i])
+            row.update(label=label, label_name=name(label) if label >= 0 else "")
+        pred = int(cols["pred"][i])
+        row.update(pred=pred, pred_name=name(pred), prob=f"{float(cols['prob'][i]):.6f}")
+        for j in range(k):
+            row[f"top{j + 1}_name"] = name(int(top_index[i, j]))
+            row[f"top{j + 1}_prob"] = f"{float(top_prob[i, j]):.6f}"
+        for key, prefix in (("box", "box"), ("photo_box", "photo_box")):
+            if key in cols:
+                row.update({f"{prefix}_{c}": f"{float(v):.1f}" for c, v in zip(("x1", "y1", "x2", "y2"), cols[key][i])})
+        if "error" in cols:
+            if error:  # no prediction for a file that could not be decoded
+                row = {c: ("" if c not in ("index", "path") else v) for c, v in row.items()}
+            row["error"] = error
+        rows.append(row)
+    return rows
+
+
+def write_merged_csv(trainer: L.Trainer, out_dir: Path, filename: str, rows: list[dict[str, Any]]) -> Path | None:
+    """Write this rank's ``rows`` to a part file; after a barrier, rank 0 merges every rank's part in ``index``
+    order, keeping the first row of an index (a distributed sampler pads with duplicates), into
+    ``out_dir/filename`` and deletes the parts. Collective: every rank calls it. Returns the merged CSV's path
+    on rank 0, ``None`` on the others."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write_csv(out_dir / f".{filename}.rank{trainer.global_rank}", rows)
+    trainer.strategy.barrier()
+    path = None
+    if trainer.is_global_zero:
+        merged: dict[int, dict[str, str]] = {}
+        for rank in range(trainer.world_size):
+            rank_part = out_dir / f".{filename}.rank{rank}"
+            with open(rank_part, newline="") as f:
+                for row in csv.DictReader(f):
+                    merged.setdefault(int(row["index"]), row)
+            rank_part.unlink()
+        path = out_dir / filename
+        _write_csv(path, [merged[k] for k in sorted(merged)])
+    trainer.strategy.barrier()
+    return path
 
 
 def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:

@@ -1,31 +1,36 @@
-"""Fine-tune the shared ImageNet EfficientNet-Lite0 on real CUB photos, one named run per head.
+"""Fine-tune ImageNet EfficientNet-Lite0 on real CUB photos, one named run per setting, over seeds.
 
-The one runner for every real-photo comparison of the project. Every run uses the same seed, data
-split, epochs, optimiser and input normalisation (the heads table also the same lr; ``linear_head10x`` is the
-linear head at the held-back 10x head lr); a run is a model class plus overrides of
-:data:`COMMON`, one entry of :data:`RUNS` (adding a run is adding an entry). For each run it
+The one runner for every real-photo comparison of the project. A run is a model class plus overrides of
+:data:`COMMON` (one entry of :data:`RUNS`; adding a run is adding an entry); every run shares the data split,
+epochs, optimiser and input normalisation unless its entry says otherwise. For each run and seed it
 
-- fine-tunes at 224 px (resize 256 -> random crop 224, flip; centre crop at evaluation) on the
-  750 training photos of ``../shared/realdata/CUB_200_2011_first25`` minus a stratified 20 %
-  validation split, keeping the checkpoint of the best validation top-1 (``val/acc``),
-- tests that checkpoint once on the 652 official test photos (one predict pass),
-- writes ``<out>/<run>/best.ckpt``, ``<out>/<run>/test_predictions.csv`` (one row per test image:
-  ``index,path,label,pred,correct``) and the Lightning CSV logs,
+- fine-tunes at 224 px (resize 256 -> random crop 224, flip; centre crop at evaluation) on the training photos
+  of ``--root`` (default: the 750 of ``../shared/realdata/CUB_200_2011_first25``) minus a stratified 20 %
+  validation split (``DATA["split_seed"]``, the same for every seed), keeping the checkpoint of the best
+  validation top-1 (``val/acc``); a non-finite loss or state stops the run (it is reported as diverged);
+- tests that checkpoint once on the official test photos (one predict pass),
+- writes ``<run dir>/best.ckpt``, ``test_predictions.csv`` (one row per test image: ``index,path,label,pred,
+  correct``), ``result.json`` (``test_acc``, ``best_val_acc``, minutes, training CPU-seconds per image...) and
+  the Lightning CSV logs,
 
-and finally writes ``<out>/results.md`` and ``<out>/results.csv`` (run, test top-1, best val top-1,
-epoch of the best, minutes) and prints the table. ``--compare a,b`` adds the paired bootstrap
-interval of ``acc(b) - acc(a)`` on the same test images (:func:`paired_bootstrap`).
+and finally writes ``<out>/results.md`` / ``results.csv`` (mean ± sd over seeds per run) and prints the table.
+``--compare a,b`` adds the pooled paired bootstrap interval of ``acc(b) - acc(a)`` over the seeds both ran
+(:func:`mgff.stats.pooled_paired_bootstrap`).
 
-Inputs are normalised with mean = std = 0.5, what these TF-Lite-converted weights expect (see
-``../shared/weights/README.md``): set on the DataModule (``data.mean``/``data.std``) and, where the
-model knows its backbone's normalisation (``backbone_mean``/``backbone_std``), there too, so the
-model's conversion is the identity.
+Run directories: ``--seed k`` (one seed) writes ``<out>/<run>/``; ``--seeds 0,1,2`` writes
+``<out>/seed<k>/<run>/`` for each seed, and ``--report-only`` / ``--compare`` read every seed folder.
 
-    nice -n 5 python benchmarks/real_photos.py                        # every run of RUNS
-    nice -n 5 python benchmarks/real_photos.py --runs linear,mgff     # some of them
-    python benchmarks/real_photos.py --compare linear,mgff --report-only   # table + CI from saved runs
+Inputs are normalised as the weights expect (``--mean``/``--std``, default 0.5: the shared TF-Lite-converted
+weights, ``../shared/weights/README.md``), on the DataModule and as the backbone's normalisation, so the model's
+conversion is the identity. Photos are decoded once into a resized cache per source root
+(:mod:`benchmarks.real_data`).
 
-Full-resolution JPEGs are decoded once into a resized cache (``<out>/cache``, shorter side 256).
+    nice -n 5 python benchmarks/real_photos.py --runs linear_best,mgff_best --epochs 6 --seeds 0,1,2 --out runs/heads
+    python benchmarks/real_photos.py --runs linear_best,mgff_best --seeds 0,1,2 --out runs/heads --report-only \
+        --compare linear_best,mgff_best
+    python benchmarks/real_photos.py --root /data/CUB_200_2011 --weights my_lite0.safetensors --runs linear_best
+
+Run one process at a time: on 2 cores one 3-epoch run takes about 5 minutes alone, 26-33 in parallel with four others.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ import inspect
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -45,12 +51,15 @@ from typing import Any
 
 import numpy as np
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED = REPO_ROOT.parent / "shared"
-DATA_ROOT = SHARED / "realdata" / "CUB_200_2011_first25"
-WEIGHTS = SHARED / "weights" / "efficientnet_lite0_imagenet.safetensors"
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import real_data  # noqa: E402
+from benchmarks.real_data import RealData  # noqa: E402
+from mgff.stats import paired_bootstrap, pooled_paired_bootstrap  # noqa: E402,F401  (paired_bootstrap: for the other runners)
+
+REPO_ROOT = real_data.REPO_ROOT
 DEFAULT_OUT = REPO_ROOT / "runs" / "real_photos"
-WEIGHTS_MEAN = WEIGHTS_STD = (0.5, 0.5, 0.5)
 
 # the settings every run shares: the issue's held-back measurement (SGD lr 0.01, momentum 0.9, head at
 # 10x, 6 epochs, batch 32, seed 0, EfficientNet-Lite0 stages 2-4 at 224 px)
@@ -89,16 +98,17 @@ CLASSIFIER = "mgff.lit.FineGrainedClassifier"
 # 4.8 -> 23 within the first epoch) or stayed near chance (without it; BENCHMARKS.md). ``linear_head10x``
 # is the linear head at the held-back setting, for reference.
 ONE_LR = dict(head_lr_scale=1.0)
+PLAIN = dict(head="mgff", fusion_residual=False)  # the MGFF head these runs measured (before the residual head)
 RUNS: dict[str, Run] = {
     "linear": Run(CLASSIFIER, dict(ONE_LR, head="linear"), "norm + pool + linear on the last map (conv_head/bn2, 1280 ch)"),
     "linear_head10x": Run(CLASSIFIER, dict(head="linear"), "linear, head at 10x lr (the held-back setting)"),
-    "mgff": Run(CLASSIFIER, dict(ONE_LR, head="mgff"), "full MGFF head: align + MHSA + SE + GCN + super-node pooling"),
-    "mgff_no_attention": Run(CLASSIFIER, dict(ONE_LR, head="mgff", use_attention=False), "MGFF without spatial attention"),
-    "mgff_no_se": Run(CLASSIFIER, dict(ONE_LR, head="mgff", use_se=False), "MGFF without SE"),
-    "mgff_no_gcn": Run(CLASSIFIER, dict(ONE_LR, head="mgff", use_gcn=False), "MGFF without GCN/pooling (mean over nodes)"),
+    "mgff": Run(CLASSIFIER, dict(ONE_LR, **PLAIN), "full MGFF head: align + MHSA + SE + GCN + super-node pooling"),
+    "mgff_no_attention": Run(CLASSIFIER, dict(ONE_LR, **PLAIN, use_attention=False), "MGFF without spatial attention"),
+    "mgff_no_se": Run(CLASSIFIER, dict(ONE_LR, **PLAIN, use_se=False), "MGFF without SE"),
+    "mgff_no_gcn": Run(CLASSIFIER, dict(ONE_LR, **PLAIN, use_gcn=False), "MGFF without GCN/pooling (mean over nodes)"),
     # diagnosis: can the MGFF head take the 10x head lr with a warmup?
-    "mgff_head10x": Run(CLASSIFIER, dict(head="mgff"), "MGFF, head at 10x lr, no warmup"),
-    "mgff_head10x_warmup": Run(CLASSIFIER, dict(head="mgff", warmup_epochs=1.0), "MGFF, head at 10x lr, 1 warmup epoch"),
+    "mgff_head10x": Run(CLASSIFIER, dict(PLAIN), "MGFF, head at 10x lr, no warmup"),
+    "mgff_head10x_warmup": Run(CLASSIFIER, dict(PLAIN, warmup_epochs=1.0), "MGFF, head at 10x lr, 1 warmup epoch"),
 }
 # issue 13 §4: single-stage vs two-stage (the `features` localiser) vs two-stage with the ground-truth box
 # (oracle), stage 2 cut from stage 1's 224 px view or from the same view at 448 px (§3); all on the same
@@ -130,6 +140,27 @@ RUNS.update({
     "linear_head30x": Run(CLASSIFIER, dict(head="linear", head_lr_scale=30.0), "linear, lr 0.01, head at 30x"),
     "linear_ls01": Run(CLASSIFIER, dict(head="linear", label_smoothing=0.1), "linear, head at 10x, label smoothing 0.1"),
 })
+# issue 20 §3: the residual MGFF head's recipe search (3 epochs, seed 0, chosen on val). The classifier role (the
+# base path and the fused classifier) stays at the linear head's 10x; what varies is the fresh fusion layers' lr.
+RESIDUAL = dict(head="mgff", fusion_residual=True)
+RUNS.update({
+    "mgff_res_head10x": Run(CLASSIFIER, dict(RESIDUAL), "residual MGFF, fusion layers and classifier at 10x (the linear head's recipe)"),
+    "mgff_res_fusion1x": Run(CLASSIFIER, dict(RESIDUAL, fusion_lr_scale=1.0), "residual MGFF, fusion layers at 1x, classifier at 10x"),
+    "mgff_res_fusion3x": Run(CLASSIFIER, dict(RESIDUAL, fusion_lr_scale=3.0), "residual MGFF, fusion layers at 3x, classifier at 10x"),
+    "mgff_res_fusion10x_warmup": Run(CLASSIFIER, dict(RESIDUAL, fusion_warmup_epochs=1.0), "residual MGFF, fusion layers at 10x after a 1-epoch warmup of their own, classifier at 10x"),
+})
+# issue 20 §3: the winners of the searches (BENCHMARKS.md "Real photos: fusion head" has the search table) and the
+# residual head's ablations at its recipe
+LINEAR_BEST = dict(head="linear")
+MGFF_BEST = dict(RESIDUAL)
+RUNS.update({
+    "linear_best": Run(CLASSIFIER, dict(LINEAR_BEST), "linear head at its best recipe"),
+    "mgff_best": Run(CLASSIFIER, dict(MGFF_BEST), "residual MGFF head at its best recipe"),
+    "mgff_best_no_attention": Run(CLASSIFIER, dict(MGFF_BEST, use_attention=False), "mgff_best without spatial attention"),
+    "mgff_best_no_se": Run(CLASSIFIER, dict(MGFF_BEST, use_se=False), "mgff_best without SE"),
+    "mgff_best_no_gcn": Run(CLASSIFIER, dict(MGFF_BEST, use_gcn=False), "mgff_best without GCN/pooling (mean over nodes)"),
+    "mgff_no_residual": Run(CLASSIFIER, dict(MGFF_BEST, fusion_residual=False), "the plain MGFF head (fused readout alone) at mgff_best's recipe"),
+})
 DEFAULT_RUNS = ("linear", "mgff", "mgff_no_attention", "mgff_no_se", "mgff_no_gcn")
 
 
@@ -138,61 +169,102 @@ def import_class(path: str):
     return getattr(__import__(module, fromlist=[name]), name)
 
 
-def model_kwargs(run: Run, data) -> dict[str, Any]:
-    """The model's init arguments: :data:`COMMON`, the run's overrides, the data's class facts, the weights."""
+def model_kwargs(run: Run, data, source: RealData = RealData()) -> dict[str, Any]:
+    """The model's init arguments: :data:`COMMON`, the run's overrides, the data's class count, the weights and
+    their normalisation (for classes that take them)."""
     cls = import_class(run.model_class)
-    kwargs = {**COMMON, **run.overrides, "num_classes": data.num_classes, "pretrained": str(WEIGHTS)}
+    kwargs = {**COMMON, **run.overrides, "num_classes": data.num_classes}
     accepted = inspect.signature(cls).parameters
     has_var_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
-    for key, value in (("data_mean", data.mean), ("data_std", data.std), ("backbone_mean", WEIGHTS_MEAN), ("backbone_std", WEIGHTS_STD)):
+    for key, value in source.model_kwargs().items():
         if key in accepted or has_var_kwargs:
-            kwargs.setdefault(key, list(value))
+            kwargs.setdefault(key, value)
     return kwargs
 
 
-def build_datamodule(out: Path, num_workers: int, **overrides: Any):
-    from data_modules import CUB200DataModule
-
-    return CUB200DataModule(
-        root=str(DATA_ROOT), num_workers=num_workers, mean=WEIGHTS_MEAN, std=WEIGHTS_STD, **{**DATA, "cache_dir": str(out / "cache"), **overrides}
-    )
+def build_datamodule(source: RealData, num_workers: int, cache: Path = real_data.DEFAULT_CACHE, **overrides: Any):
+    """The CUB DataModule of every run: :data:`DATA` with the run's overrides, on ``source``, through its resized
+    cache under ``cache`` unless the overrides set ``cache_dir=None`` (the originals)."""
+    return source.datamodule(cache=cache, num_workers=num_workers, **{**DATA, **overrides})
 
 
-def train_and_test(name: str, run: Run, out: Path, num_workers: int, epochs: int, seed: int = SEED, also_last: bool = False) -> dict[str, Any]:
-    """Fine-tune one run, test its best-validation checkpoint, write its per-image predictions. ``seed`` seeds the
-    training (initialisation of new layers, order, augmentation); the train/val split stays ``DATA["split_seed"]``.
-    ``also_last`` also tests the last epoch's weights (``last_test_acc``: a diagnosis of the checkpoint choice, never
-    the reported figure)."""
+class TrainingTime:
+    """Process CPU seconds and images of the training batches alone (no validation, no test), for a cost per image
+    that does not depend on what else the machine runs (one thread, loader in the process)."""
+
+    def __init__(self) -> None:
+        import lightning as L
+
+        outer = self
+
+        class _Callback(L.Callback):
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+                outer._started = time.process_time()
+
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+                outer.seconds += time.process_time() - outer._started
+                outer.images += len(batch["label"]) if batch else 0
+
+        self.seconds, self.images, self._started = 0.0, 0, 0.0
+        self.callback = _Callback()
+
+    @property
+    def ms_per_image(self) -> float | None:
+        return 1000 * self.seconds / self.images if self.images else None
+
+
+def train_and_test(
+    name: str, run: Run, run_dir: Path, source: RealData = RealData(), num_workers: int = 0, epochs: int = EPOCHS, seed: int = SEED,
+    also_last: bool = False, clip: float | None = None, cache: Path = real_data.DEFAULT_CACHE,
+) -> dict[str, Any]:
+    """Fine-tune one run, test its best-validation checkpoint, write its per-image predictions and ``result.json``.
+
+    ``seed`` seeds the training (initialisation of new layers, order, augmentation); the train/val split stays
+    ``DATA["split_seed"]``. ``clip``: ``gradient_clip_val`` (norm). A non-finite loss, validation loss or weight
+    stops the run before any checkpoint of that state (:class:`~mgff.callbacks.nonfinite_loss.StopOnNonFiniteLoss`);
+    the result then says ``diverged`` and has no ``test_acc``. ``also_last`` also tests the last epoch's weights
+    (``last_test_acc``: a diagnosis of the checkpoint choice, never the reported figure)."""
     import lightning as L
+    import torch
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger
 
+    from mgff.callbacks.nonfinite_loss import NonFiniteLossError, StopOnNonFiniteLoss
+
     L.seed_everything(seed, workers=True)
-    data = build_datamodule(out, num_workers, **run.data)
+    data = build_datamodule(source, num_workers, cache, **run.data)
     data.prepare_data()
     data.setup("fit")
-    run_dir = out / name
     run_dir.mkdir(parents=True, exist_ok=True)
-    for old in [*run_dir.glob("best*.ckpt"), *run_dir.glob("last_epoch*.ckpt")]:
-        old.unlink()
-    model = import_class(run.model_class)(**model_kwargs(run, data))
+    for old in [*run_dir.glob("best*.ckpt"), *run_dir.glob("last_epoch*.ckpt"), run_dir / "result.json"]:
+        old.unlink(missing_ok=True)
+    model = import_class(run.model_class)(**model_kwargs(run, data, source))
     checkpoint = ModelCheckpoint(dirpath=run_dir, filename="best", monitor="val/acc", mode="max", save_top_k=1)
     # Lightning's save_last writes last.ckpt only when a top-k checkpoint is saved in the same step, so the last
     # epoch's weights need a checkpoint of their own (no monitor: every epoch replaces it)
     final = ModelCheckpoint(dirpath=run_dir, filename="last_epoch", save_top_k=1) if also_last else None
+    timing = TrainingTime()
     trainer = L.Trainer(
         accelerator="cpu",
         devices=1,
         max_epochs=epochs,
         precision="32-true",
         deterministic=False,
-        callbacks=[checkpoint] + ([final] if final else []),
+        gradient_clip_val=clip,
+        # the stop before the checkpoints: it must see a diverged state before they save it
+        callbacks=[StopOnNonFiniteLoss(), timing.callback, checkpoint] + ([final] if final else []),
         logger=CSVLogger(save_dir=str(run_dir), name="logs"),
         enable_progress_bar=False,
         log_every_n_steps=5,
     )
+    result: dict[str, Any] = dict(run=name, epochs=epochs, seed=seed, clip=clip, root=str(source.root), note=run.note)
     start = time.perf_counter()
-    trainer.fit(model, datamodule=data)
+    try:
+        trainer.fit(model, datamodule=data)
+    except NonFiniteLossError as err:
+        result.update(diverged=str(err), minutes=round((time.perf_counter() - start) / 60, 1))
+        (run_dir / "result.json").write_text(json.dumps(result, indent=1))
+        return result
     minutes = (time.perf_counter() - start) / 60
     best = checkpoint.best_model_path
     # read before predict(): restoring best.ckpt also restores the callbacks' states, and a best.ckpt written in
@@ -206,18 +278,14 @@ def train_and_test(name: str, run: Run, out: Path, num_workers: int, epochs: int
         writer.writerows(rows)
     if len(rows) != len(data.datasets["test"]):
         raise RuntimeError(f"{name}: {len(rows)} predictions for {len(data.datasets['test'])} test images")
-    accuracy = float(np.mean([r["correct"] for r in rows]))
-    ckpt_epoch = int(Path(best).exists() and __import__("torch").load(best, map_location="cpu", weights_only=False)["epoch"])
-    result = dict(
-        run=name,
-        test_acc=round(accuracy, 4),
+    ckpt_epoch = int(torch.load(best, map_location="cpu", weights_only=True)["epoch"])
+    result.update(
+        test_acc=round(float(np.mean([r["correct"] for r in rows])), 4),
         best_val_acc=round(float(checkpoint.best_model_score), 4),
         best_epoch=ckpt_epoch + 1,
-        epochs=epochs,
-        seed=seed,
         minutes=round(minutes, 1),
+        train_ms_per_image=round(timing.ms_per_image, 1) if timing.ms_per_image else None,
         checkpoint=str(Path(best).relative_to(REPO_ROOT)) if Path(best).is_relative_to(REPO_ROOT) else best,
-        note=run.note,
     )
     if also_last:
         last = prediction_rows(trainer.predict(model, datamodule=data, ckpt_path=last_path))
@@ -236,50 +304,91 @@ def prediction_rows(predictions: list[dict]) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: r["index"])
 
 
-def load_correct(out: Path, name: str) -> tuple[np.ndarray, np.ndarray]:
+def load_correct(run_dir: Path) -> tuple[np.ndarray, np.ndarray]:
     """``(index, correct)`` of one finished run, ordered by image index."""
-    with open(out / name / "test_predictions.csv") as f:
+    with open(run_dir / "test_predictions.csv") as f:
         rows = list(csv.DictReader(f))
     return np.array([int(r["index"]) for r in rows]), np.array([int(r["correct"]) for r in rows])
 
 
-def paired_bootstrap(correct_a: np.ndarray, correct_b: np.ndarray, samples: int = 10000, seed: int = 0) -> tuple[float, float, float]:
-    """``(acc_b - acc_a, low, high)``: the difference and its 95 % percentile interval, resampling the same
-    test images for both runs (pairs kept together)."""
-    if correct_a.shape != correct_b.shape:
-        raise ValueError(f"runs were tested on different images: {correct_a.shape} vs {correct_b.shape}")
-    rng = np.random.default_rng(seed)
-    diff = correct_b.astype(float) - correct_a.astype(float)
-    picks = rng.integers(0, len(diff), size=(samples, len(diff)))
-    boot = diff[picks].mean(axis=1)
-    low, high = np.percentile(boot, [2.5, 97.5])
-    return float(diff.mean()), float(low), float(high)
+def seed_dirs(out: Path, seeds: list[int] | None) -> dict[int | None, Path]:
+    """Where each seed's runs live: ``{None: out}`` for the one-seed layout, else ``{k: out/seed<k>}``."""
+    return {None: out} if seeds is None else {k: out / f"seed{k}" for k in seeds}
 
 
-def write_table(out: Path, results: list[dict], comparisons: list[tuple[str, str]], command: str) -> str:
+def read_results(out: Path, names: list[str], seeds: list[int] | None) -> dict[str, dict[int | None, dict]]:
+    """``{run: {seed: result.json}}`` of the finished runs among ``names`` and ``seeds``."""
+    found: dict[str, dict[int | None, dict]] = {}
+    for seed, folder in seed_dirs(out, seeds).items():
+        for name in names:
+            path = folder / name / "result.json"
+            if path.is_file():
+                found.setdefault(name, {})[seed] = json.loads(path.read_text())
+    return found
+
+
+def compare(out: Path, seeds: list[int] | None, a: str, b: str) -> str:
+    """``b - a``: pooled paired bootstrap over the seeds where both runs finished (same test images)."""
+    pairs, used = [], []
+    for seed, folder in seed_dirs(out, seeds).items():
+        if not all((folder / n / "test_predictions.csv").is_file() for n in (a, b)):
+            continue
+        (ia, ca), (ib, cb) = load_correct(folder / a), load_correct(folder / b)
+        if not np.array_equal(ia, ib):
+            raise ValueError(f"{a} and {b} were tested on different images ({folder})")
+        pairs.append((ca, cb))
+        used.append(seed)
+    if not pairs:
+        return f"\n{b} - {a}: no seed where both finished"
+    d, lo, hi = pooled_paired_bootstrap(pairs)
+    seeds_text = "seed " + ",".join(str(s) for s in used) if used != [None] else "one seed"
+    return (f"\n{b} - {a}: {d:+.3f} top-1, pooled paired bootstrap 95 % interval [{lo:+.3f}, {hi:+.3f}] "
+            f"({seeds_text}; {len(pairs[0][0])} test images, 10,000 resamples)")
+
+
+def mean_sd(values: list[float]) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def write_table(out: Path, results: dict[str, dict[int | None, dict]], comparisons: list[tuple[str, str]], seeds: list[int] | None, command: str) -> str:
+    """``results.md`` / ``results.csv`` under ``out``: one row per run, mean ± sd over its seeds; the comparisons."""
+    import torch
+
     lines = [
-        f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, torch threads {__import__('torch').get_num_threads()}; "
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}; "
         f"date {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
         f"Command: `{command}`",
         "",
-        "| run | test top-1 | best val top-1 | best epoch | minutes | what |",
-        "|---|---|---|---|---|---|",
+        "| run | seeds | test top-1 | per seed | best val top-1 | best epoch | minutes | train ms/image | what |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    lines += [f"| {r['run']} | {r['test_acc']:.3f} | {r['best_val_acc']:.3f} | {r['best_epoch']}/{r['epochs']} | {r['minutes']} | {r['note']}"
-              + (f" (last epoch's weights: test {r['last_test_acc']:.3f})" if "last_test_acc" in r else "") + " |" for r in results]
+    for name, by_seed in results.items():
+        done = {s: r for s, r in by_seed.items() if "test_acc" in r}
+        diverged = sorted(str(r["seed"]) for r in by_seed.values() if "diverged" in r)
+        tests = [r["test_acc"] for r in done.values()]
+        per_seed = " / ".join(f"{r['test_acc']:.3f}" for r in done.values()) + (f" (diverged: seed {', '.join(diverged)})" if diverged else "")
+        epochs = "/".join(str(r["best_epoch"]) for r in done.values())
+        any_result = next(iter(by_seed.values()))
+        train_ms = [r["train_ms_per_image"] for r in done.values() if r.get("train_ms_per_image")]
+        last = [r["last_test_acc"] for r in done.values() if "last_test_acc" in r]
+        lines.append(
+            f"| {name} | {len(done)} | {mean_sd(tests)} | {per_seed} | {mean_sd([r['best_val_acc'] for r in done.values()])} | "
+            f"{epochs} of {any_result['epochs']} | {statistics.mean(r['minutes'] for r in by_seed.values()):.1f} | "
+            f"{f'{statistics.mean(train_ms):.0f}' if train_ms else '-'} | {any_result['note']}" + (f" (last epoch's weights: test {mean_sd(last)})" if last else "") + " |"
+        )
     for a, b in comparisons:
-        ia, ca = load_correct(out, a)
-        ib, cb = load_correct(out, b)
-        if not np.array_equal(ia, ib):
-            raise ValueError(f"{a} and {b} were tested on different images")
-        d, lo, hi = paired_bootstrap(ca, cb)
-        lines.append(f"\n{b} - {a}: {d:+.3f} top-1, paired bootstrap 95 % interval [{lo:+.3f}, {hi:+.3f}] ({len(ca)} test images)")
+        lines.append(compare(out, seeds, a, b))
     text = "\n".join(lines) + "\n"
     (out / "results.md").write_text(text)
+    rows = [r for by_seed in results.values() for r in by_seed.values()]
     with open(out / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in results for k in r)))  # runs may add keys
+        writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))  # runs may add keys
         writer.writeheader()
-        writer.writerows(results)
+        writer.writerows(rows)
     return text
 
 
@@ -291,39 +400,62 @@ def parse_names(text: str | None, default: tuple[str, ...]) -> list[str]:
     return names
 
 
+def parse_seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise SystemExit(f"--seeds takes comma-separated integers, got {text!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise SystemExit(f"--seeds needs distinct seeds, got {text!r}")
+    return seeds
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", help=f"comma-separated names of RUNS (default: {','.join(DEFAULT_RUNS)})")
-    parser.add_argument("--compare", action="append", default=[], help="a,b: paired bootstrap CI of acc(b) - acc(a); repeatable")
+    parser.add_argument("--compare", action="append", default=[], help="a,b: pooled paired bootstrap CI of acc(b) - acc(a) over the seeds; repeatable")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="runs/real_photos by default")
     parser.add_argument("--epochs", type=int, default=EPOCHS)
     parser.add_argument("--workers", type=int, default=0, help="loader worker processes (0: decode the small cached JPEGs in the main process, saving a worker's memory)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (on shared cores two threads spin against each other)")
-    parser.add_argument("--seed", type=int, default=SEED, help="training seed (the data split stays fixed); put other seeds in another --out")
+    seeds = parser.add_mutually_exclusive_group()
+    seeds.add_argument("--seed", type=int, default=None, help=f"one training seed, runs in <out>/<run>/ (default {SEED}; the data split stays fixed)")
+    seeds.add_argument("--seeds", type=parse_seeds, default=None, help="several training seeds, e.g. 0,1,2: runs in <out>/seed<k>/<run>/")
+    parser.add_argument("--clip", type=float, default=None, help="gradient_clip_val (gradient norm); off by default")
+    parser.add_argument("--cache", type=Path, default=real_data.DEFAULT_CACHE, help="where the per-root resized caches live")
     parser.add_argument("--also-last", action="store_true", help="also test the last epoch's weights (last_test_acc in result.json; a diagnosis)")
     parser.add_argument("--report-only", action="store_true", help="only rebuild the table from finished runs")
     parser.add_argument("--skip-done", action="store_true", help="reuse the result of runs that already have a result.json")
+    real_data.add_arguments(parser)
     args = parser.parse_args(argv)
     names = parse_names(args.runs, DEFAULT_RUNS)
     comparisons = [tuple(parse_names(c, ())) for c in args.compare]
     if any(len(c) != 2 for c in comparisons):
         raise SystemExit("--compare takes two run names: a,b")
-    if not DATA_ROOT.is_dir() or not WEIGHTS.is_file():
-        raise SystemExit(f"needs {DATA_ROOT} and {WEIGHTS} (the shared real data and weights)")
+    source = real_data.from_args(args)
+    if not args.report_only:
+        source.check()
     import torch
 
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
-    results = []
-    for name in names:
-        if args.report_only or (args.skip_done and (args.out / name / "result.json").is_file()):
-            results.append(json.loads((args.out / name / "result.json").read_text()))
-            continue
-        result = train_and_test(name, RUNS[name], args.out, args.workers, args.epochs, args.seed, args.also_last)
-        print(f"{name}: test top-1 {result['test_acc']:.4f} (best val {result['best_val_acc']:.4f}, {result['minutes']} min)", flush=True)
-        results.append(result)
+    if not args.report_only:
+        for seed, folder in seed_dirs(args.out, args.seeds).items():
+            seed = SEED if seed is None and args.seed is None else (args.seed if seed is None else seed)
+            for name in names:
+                if args.skip_done and (folder / name / "result.json").is_file():
+                    continue
+                result = train_and_test(name, RUNS[name], folder / name, source, args.workers, args.epochs, seed, args.also_last, args.clip, args.cache)
+                if "diverged" in result:
+                    print(f"{name} (seed {seed}): diverged: {result['diverged']}", flush=True)
+                else:
+                    print(f"{name} (seed {seed}): test top-1 {result['test_acc']:.4f} (best val {result['best_val_acc']:.4f}, {result['minutes']} min)", flush=True)
+    results = read_results(args.out, names, args.seeds)
+    missing = [n for n in names if n not in results]
+    if missing:
+        print(f"no finished run of {missing} under {args.out}", file=sys.stderr)
     command = "python benchmarks/real_photos.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    print(write_table(args.out, results, comparisons, command.strip()))
+    print(write_table(args.out, results, comparisons, args.seeds, command.strip()))
 
 
 if __name__ == "__main__":

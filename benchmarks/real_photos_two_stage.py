@@ -120,11 +120,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--oracle-padding", type=float, default=0.0, help="grow the oracle's boxes by this share of their size per side")
     parser.add_argument("--limit", type=int, default=None, help="first N test images only (a quick check)")
     args = parser.parse_args(argv)
-    if not real_photos.DATA_ROOT.is_dir() or not args.checkpoint.is_file():
-        raise SystemExit(f"needs {real_photos.DATA_ROOT} and the single-stage checkpoint {args.checkpoint}")
+    if not args.checkpoint.is_file():
+        raise SystemExit(f"needs the single-stage checkpoint {args.checkpoint}")
+    real_photos.RealData().check()
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
-    data = real_photos.build_datamodule(args.out, 1, **real_photos.SOURCE_DATA)
+    data = real_photos.build_datamodule(real_photos.RealData(), 1, **real_photos.SOURCE_DATA)
     data.setup("test")
     if args.limit:
         data.datasets["test"].samples = data.datasets["test"].samples[: args.limit]

@@ -30,7 +30,7 @@ from benchmarks.measure import count_flops, describe_machine, machine_info, pair
 
 def build(name: str, out: Path):
     run = real_photos.RUNS[name]
-    data = real_photos.build_datamodule(out, 0, **run.data)
+    data = real_photos.build_datamodule(real_photos.RealData(), 0, **run.data)
     data.batch_size = 8
     data.setup("test")
     batch = next(iter(data.test_dataloader()))

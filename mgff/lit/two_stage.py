@@ -20,7 +20,7 @@ from mgff.lit.checkpoint import plain_hyperparameters
 from mgff.lit.classifier import FineGrainedClassifier, with_legacy_defaults
 from mgff.metrics.box_iou import BoxIoU
 from mgff.models.cropper.attention_cropper import AttentionCropper
-from mgff.models.cropper.crops import CropOutput, crop_and_resize
+from mgff.models.cropper.crops import CropOutput, crop_and_resize, crop_from_source
 from mgff.models.cropper.feature_localizer import FeatureLocalizer
 from mgff.models.cropper.ground_truth import ground_truth_localization
 from mgff.lit.optim import head_parameter_roles
@@ -208,9 +208,7 @@ class TwoStageClassifier(FineGrainedClassifier):
             raise ValueError("model.crop_from='source' needs batch['source']: set data.source_size")
         if source.shape[0] != images.shape[0] or source.shape[1] != images.shape[1]:
             raise ValueError(f"batch['source'] {tuple(source.shape)} does not match the images {tuple(images.shape)}")
-        scale_y, scale_x = source.shape[-2] / images.shape[-2], source.shape[-1] / images.shape[-1]
-        source_boxes = boxes.float() * boxes.new_tensor([scale_x, scale_y, scale_x, scale_y], dtype=torch.float32)
-        crops = crop_and_resize(source.float(), source_boxes, self.crop_size) / 255.0
+        crops = crop_from_source(source, boxes, tuple(images.shape[-2:]), self.crop_size)
         return self.input_norm.data_from_unit(crops).to(images.dtype)
 
     def stage1_with_maps(self, images: Tensor) -> tuple[HeadOutput, list[Tensor]]:

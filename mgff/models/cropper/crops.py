@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 from torchvision.ops import roi_align
 
-__all__ = ['crop_and_resize', 'CropOutput']
+__all__ = ['crop_and_resize', 'crop_from_source', 'CropOutput']
 
 
 def crop_and_resize(images: Tensor, boxes: Tensor, out_size: int | tuple[int, int]) -> Tensor:
@@ -36,6 +36,24 @@ def crop_and_resize(images: Tensor, boxes: Tensor, out_size: int | tuple[int, in
     crops = roi_align(images.to(compute_dtype), rois, output_size=size, spatial_scale=1.0,
                       sampling_ratio=0, aligned=True)
     return crops.to(images.dtype)
+
+
+def crop_from_source(source: Tensor, boxes: Tensor, view_size: tuple[int, int], out_size: int) -> Tensor:
+    """Crops cut from a higher-resolution copy of the view (the paper cuts "从原始图像中", from the original image).
+
+    Args:
+        source: ``(B, 3, H_s, W_s)`` uint8, the same view as the network's input at a higher resolution
+            (``batch["source"]``).
+        boxes: ``(B, 4)`` xyxy in pixels of the ``view_size`` view; scaled to the source's frame here.
+        view_size: ``(H, W)`` of the view the boxes are in.
+        out_size: side ``S`` of the crops.
+
+    Returns:
+        ``(B, 3, S, S)`` float32 crops in ``[0, 1]``, in one ``roi_align`` call.
+    """
+    scale_y, scale_x = source.shape[-2] / view_size[0], source.shape[-1] / view_size[1]
+    source_boxes = boxes.float() * boxes.new_tensor([scale_x, scale_y, scale_x, scale_y], dtype=torch.float32)
+    return crop_and_resize(source.float(), source_boxes, out_size) / 255.0
 
 
 class CropOutput(NamedTuple):

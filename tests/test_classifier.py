@@ -67,6 +67,23 @@ def test_two_stage_sum_logits_and_separate_classifier():
     assert model.backbone2 is not None and model.backbone2 is not model.backbone
 
 
+def test_two_stage_with_a_shared_backbone_and_a_head_of_its_own_for_stage_two():
+    model = TwoStageClassifier(num_classes=5, head="mgff", shared_head=False, **TINY, **TINY_CROPPER)
+    assert model.backbone2 is None and model.head2 is not None and model.head2 is not model.head
+    b = batch()
+    logits, aux, _ = model.forward_outputs(b["image"], b)
+    sum(model.loss_terms(logits, aux, b["label"]).values()).backward()
+    # stage 2's CE reaches head2 and the one backbone; stage 1's head gets its own gradient
+    assert model.head2.classifier.weight.grad.abs().sum() > 0 and model.head.classifier.weight.grad.abs().sum() > 0
+    in_groups = {id(p): g["role"] for g in model.optimizer_param_groups() for p in g["params"]}
+    assert in_groups[id(model.head2.fusion_classifier.weight)] == "classifier" and in_groups[id(model.head2.align[0][0].weight)] == "fusion"
+    assert all(id(p) in in_groups for p in model.parameters() if p.requires_grad)
+    # stage 2 runs head2 on the shared backbone's maps of the crops
+    crops = torch.randn(2, 3, 64, 64)
+    model.eval()
+    torch.testing.assert_close(model.classify_crops(crops).logits, model.head2(model.backbone(model.input_norm(crops))).logits)
+
+
 def test_two_stage_loss_terms_and_trainable_cropper_gets_gradients():
     model = TwoStageClassifier(num_classes=5, cropper_trainable=True, **TINY, **TINY_CROPPER)
     b = batch()

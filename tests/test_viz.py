@@ -384,6 +384,9 @@ def test_fusion_maps_of_stage_two_use_its_own_classifier_when_it_has_one(two_sta
         fusion_maps(separate, images, stage=2)
     with pytest.raises(ValueError, match="stage must be 1 or 2"):
         fusion_maps(separate, images, stage=3)
+    own_head = TwoStageClassifier(num_classes=4, shared_head=False, **TINY, **TINY_CROPPER).eval()  # one backbone, two heads
+    torch.testing.assert_close(fusion_maps(own_head, images, stage=2).assignment,
+                               own_head.head2.forward_details(own_head.backbone(images))["assignment"].cpu())
 
 
 def test_fusion_maps_without_global_attention_per_scale_nodes():

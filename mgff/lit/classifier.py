@@ -32,7 +32,7 @@ log = logging.getLogger("mgff")
 # hyperparameters that fix the shape of the weights: a checkpoint must agree on them to load
 ARCHITECTURE_KEYS = (
     "backbone", "head", "num_classes", "stages", "stage_inputs", "align_last", "fusion_dim", "attention", "use_attention", "use_se", "use_gcn",
-    "graph_nodes", "fusion_residual",
+    "graph_nodes", "fusion_residual", "shared_classifier", "shared_head",
 )
 # what a checkpoint saved before an architecture key existed was trained with, for the heads the key applies to
 LEGACY_DEFAULTS = {"fusion_residual": ("mgff", False)}

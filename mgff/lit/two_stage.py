@@ -72,7 +72,10 @@ class TwoStageClassifier(FineGrainedClassifier):
         min_box_size: minimum box side, as a fraction of the image side.
         cropper_trainable: train the ViT with its own classification head (else frozen).
         cropper_loss_weight: weight of the trainable cropper's CE.
-        shared_classifier: stage 2 uses the stage-1 backbone and head (else a second copy).
+        shared_classifier: stage 2 uses the stage-1 backbone and head (else a second copy of both).
+        shared_head: with a shared backbone, stage 2 also uses the stage-1 head (``false``: a head of its own, so
+            the crops' zoomed maps and the full views' do not share the head's weights; its own fusion layers and
+            classifier, same architecture).
         merge: ``mean_prob`` (mean of the two stages' probabilities) or ``sum_logits``.
         stage2_loss_weight: weight of the stage-2 CE.
         **kwargs: the stage classifier's arguments (:class:`FineGrainedClassifier`).
@@ -100,6 +103,7 @@ class TwoStageClassifier(FineGrainedClassifier):
         cropper_trainable: bool = False,
         cropper_loss_weight: float = 1.0,
         shared_classifier: bool = True,
+        shared_head: bool = True,
         merge: Literal["mean_prob", "sum_logits"] = "mean_prob",
         stage2_loss_weight: float = 1.0,
         **kwargs: Any,
@@ -151,11 +155,10 @@ class TwoStageClassifier(FineGrainedClassifier):
                                  f"attention={hp.attention!r})")
         self._compiled_stage1 = None
         self._warned_unused_source = False
-        if shared_classifier:
-            self.backbone2, self.head2 = None, None
-        else:
-            self.backbone2 = self.build_backbone()
-            self.head2 = self.build_head(self.backbone2.feature_channels, self.backbone2.feature_reductions, hp.num_classes)
+        self.backbone2 = None if shared_classifier else self.build_backbone()
+        stage2_backbone = self.backbone if self.backbone2 is None else self.backbone2
+        shared = shared_classifier and shared_head
+        self.head2 = None if shared else self.build_head(stage2_backbone.feature_channels, stage2_backbone.feature_reductions, hp.num_classes)
         self.box_iou = nn.ModuleDict({"val": BoxIoU(), "test": BoxIoU()})
 
     @classmethod
@@ -184,10 +187,11 @@ class TwoStageClassifier(FineGrainedClassifier):
         return names + ("cropper",) if self.hparams.get("cropper_trainable") else names
 
     def classify_crops(self, crops: Tensor):
-        """Stage 2 on ``crops (B, 3, S, S)`` with the shared or the second classifier."""
-        if self.backbone2 is None:
+        """Stage 2 on ``crops (B, 3, S, S)``: the shared classifier, or the second backbone and / or head."""
+        if self.head2 is None:
             return self(crops)
-        return self.head2(self.backbone2(self.input_norm(crops)))
+        stage2_backbone = self.backbone if self.backbone2 is None else self.backbone2
+        return self.head2(stage2_backbone(self.input_norm(crops)))
 
     def cut_crops(self, images: Tensor, boxes: Tensor, source: Tensor | None = None) -> Tensor:
         """Stage 2's input, in the data's normalisation: ``(B, 3, S, S)``, ``S = crop_size``.
@@ -343,7 +347,9 @@ class TwoStageClassifier(FineGrainedClassifier):
         (with its own classification head) in ``classifier``, at the head's lr."""
         roles = super().optimizer_parameters()
         if self.backbone2 is not None:
-            roles += [("backbone", list(self.backbone2.parameters())), *head_parameter_roles(self.head2)]
+            roles.append(("backbone", list(self.backbone2.parameters())))
+        if self.head2 is not None:
+            roles += head_parameter_roles(self.head2)
         if self.hparams.cropper_trainable:
             roles.append(("classifier", list(self.cropper.parameters())))
         return roles

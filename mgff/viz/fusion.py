@@ -68,14 +68,16 @@ def fusion_maps(model: FineGrainedClassifier, images: Tensor, stage: int = 1) ->
         model: a :class:`~mgff.lit.classifier.FineGrainedClassifier` or
             :class:`~mgff.lit.two_stage.TwoStageClassifier` with ``head='mgff'``.
         images: what that stage sees: the images for stage 1, the cropper's crops for stage 2.
-        stage: ``2`` uses the two-stage model's second classifier where it has one
-            (``shared_classifier=False``); with a shared classifier both stages are one network.
+        stage: ``2`` uses the two-stage model's second backbone and / or head where it has them
+            (``shared_classifier=False``, ``shared_head=False``); shared, both stages are one network.
     """
     if stage not in (1, 2):
         raise ValueError(f"stage must be 1 or 2, got {stage}")
     backbone, head = model.backbone, getattr(model, "head", None)
-    if stage == 2 and getattr(model, "backbone2", None) is not None:
-        backbone, head = model.backbone2, model.head2
+    if stage == 2 and getattr(model, "head2", None) is not None:
+        head = model.head2
+        if getattr(model, "backbone2", None) is not None:
+            backbone = model.backbone2
     if not callable(getattr(head, "forward_details", None)):
         raise TypeError(f"the model's head ({type(head).__name__}) has no forward_details: use head='mgff'")
     was_training = model.training

@@ -1,72 +1,85 @@
 """Box quality of the localisers on real CUB photos: mIoU and hit@0.5 against the official boxes.
 
-Data: ``../shared/realdata/CUB_200_2011_first25`` (real photos at their original resolution), the
-DataModule's evaluation view of :mod:`benchmarks.real_photos` (resize 256 -> centre crop 224,
-mean = std = 0.5) and the same view at ``--source-size`` (448 by default) as ``batch["source"]``. Boxes
-are scored in the frame of that view (the frame the crop is cut from; the source view has the same
-geometry, and IoU does not change with scale), against the official box moved through the same
-resize and crop.
+Data: ``--root`` (any CUB_200_2011-layout folder, any subset of classes; default the shared real photos of classes
+1-25, :mod:`benchmarks.real_data`) read from the originals, the evaluation view of :mod:`benchmarks.real_photos`
+(resize ``--resize`` 256 -> centre crop ``--crop`` 224, normalised with ``--mean``/``--std``) and the same view at
+``--source-size`` (448 by default) as ``batch["source"]``. Boxes are scored in the frame of that view (the frame the
+crop is cut from; the source view has the same geometry, and IoU does not change with scale), against the official
+box moved through the same resize and crop.
 
 Localisers, each scored on ``--split`` (``test`` by default):
 
 - ``centred box``: a fixed box of ``f`` x the view's side around its centre, ``f`` chosen on the
   validation split (the best fixed box; about mIoU 0.51 / hit 0.55 on the held-back classes);
-- ``features`` (:class:`~mgff.models.cropper.feature_localizer.FeatureLocalizer`) with every response
-  that the model's head allows (``refined`` and ``energy``; ``cam`` for a linear head; ``attention`` for an
-  MGFF head),
-  on the stage-1 maps at 224 px (free: the maps of stage 1's own forward) and at ``--source-size``
-  (``localize_size``: one more backbone pass on the source view), for
-  - the shared ImageNet EfficientNet-Lite0 weights, frozen (``imagenet``), and
-  - every ``--checkpoint name=path`` (a :mod:`benchmarks.real_photos` run, fine-tuned on class labels);
+- ``features`` (:class:`~mgff.models.cropper.feature_localizer.FeatureLocalizer`, the default box rule) with every
+  response that the model's head allows (``refined`` and ``energy``; ``cam`` for a linear head; ``attention`` for an
+  MGFF head), on the stage-1 maps at the view's side (free: the maps of stage 1's own forward) and at
+  ``--source-size`` (``localize_size``: one more backbone pass on the source view), for
+  - the ``--weights`` (EfficientNet-Lite0, ImageNet by default), frozen (``imagenet``), and
+  - every ``--checkpoint NAME=PATH`` (a :mod:`benchmarks.real_photos` run, fine-tuned on class labels);
+- ``as trained``: every ``--checkpoint NAME=PATH``'s own localiser, one row named ``NAME``: its ``features``
+  response (``feature_response``), its box rule (``box_threshold``, ``box_mode``, ``box_padding``,
+  ``min_box_size``) and its side: a two-stage checkpoint's ``localize_size`` if set, else its stage-1 input side
+  ``img_size`` (384 for a model trained at 384). A single-stage checkpoint gets
+  :class:`~mgff.lit.TwoStageClassifier`'s defaults for the response and the rule. The map is read as the model
+  reads it (:meth:`~mgff.lit.TwoStageClassifier.localize_from_features`): stage 1's own maps when the side is the
+  view's, else one pass on the source view resized to the side (``--source-size`` must be at least the side);
 - ``rollout`` / ``column_sum`` (the ViT localisers): no ViT weights exist offline, so only their cost.
+
+``--out DIR`` writes the table as ``DIR/boxes.csv`` (its columns: localizer, weights, map, miou, hit50, images).
 
 Cost: FLOPs per image (``torch.utils.flop_counter``) of one stage, of the localisation, of the two-stage
 forward, as a ratio to one stage.
 
     nice -n 5 python benchmarks/box_quality.py --checkpoint linear=runs/real_photos/linear/best.ckpt \\
-        --checkpoint mgff=runs/real_photos/mgff/best.ckpt
+        --checkpoint mgff=runs/real_photos/mgff/best.ckpt --out runs/box_quality
     python benchmarks/box_quality.py --split val ...      # the comparison that picks the default
+    python benchmarks/box_quality.py --root /data/CUB_200_2011 --weights my_lite0.safetensors --mean 0.485 0.456 0.406 \\
+        --std 0.229 0.224 0.225 --checkpoint mine=runs/mine/best.ckpt
     ... --figure docs/figures/real_birds_localisation.png --figure-model "linear (fine-tuned)"   # the README figure
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import datetime
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.measure import count_flops, describe_machine, machine_info, print_table
-from mgff.lit.two_stage import TwoStageClassifier
-from mgff.metrics.box_iou import BoxIoU
-from mgff.models.cropper.feature_localizer import FeatureLocalizer
+from benchmarks import real_data  # noqa: E402
+from benchmarks.measure import count_flops, describe_machine, machine_info, print_table  # noqa: E402
+from benchmarks.real_data import RealData  # noqa: E402
+from benchmarks.real_photos import DATA as RUNNER_DATA  # noqa: E402
+from mgff.lit import FineGrainedClassifier  # noqa: E402
+from mgff.lit.checkpoint import resolve_model_class  # noqa: E402
+from mgff.lit.two_stage import TwoStageClassifier  # noqa: E402
+from mgff.metrics.box_iou import BoxIoU  # noqa: E402
+from mgff.models.cropper.feature_localizer import FeatureLocalizer  # noqa: E402
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED = REPO_ROOT.parent / "shared"
-DATA_ROOT = SHARED / "realdata" / "CUB_200_2011_first25"
-WEIGHTS = SHARED / "weights" / "efficientnet_lite0_imagenet.safetensors"
-WEIGHTS_MEAN = WEIGHTS_STD = (0.5, 0.5, 0.5)
-# the evaluation view of benchmarks/real_photos.py
-DATA = dict(resize_size=256, crop_size=224, val_fraction=0.2, split_seed=0)
-STAGE1 = dict(backbone="efficientnet_lite0", img_size=224, stages=[2, 3, 4], head="linear")
+STAGE1 = dict(backbone="efficientnet_lite0", stages=[2, 3, 4], head="linear")  # the frozen --weights' model
 CENTRED_FRACTIONS = tuple(round(0.40 + 0.05 * i, 2) for i in range(12))  # 0.40 .. 0.95
 VIT_LOCALIZERS = {"rollout ViT-B/16 @224": ("vit_base_patch16_224", 224), "rollout ViT-B/16 @384": ("vit_base_patch16_384", 384)}
+COLUMNS = [("localizer", "localiser", "s"), ("weights", "weights", "s"), ("map", "map computed at (grid)", "s"),
+           ("miou", "mIoU", ".3f"), ("hit50", "hit@0.5", ".3f"), ("images", "images", "d")]
 
 
-def build_datamodule(source_size: int, batch_size: int = 25, num_workers: int = 0, cache_dir: str | None = None):
-    from data_modules import CUB200DataModule
-
-    return CUB200DataModule(
-        root=str(DATA_ROOT), batch_size=batch_size, num_workers=num_workers, mean=WEIGHTS_MEAN, std=WEIGHTS_STD,
-        source_size=source_size, persistent_workers=False, pin_memory=False, cache_dir=cache_dir, **DATA,
+def build_datamodule(source: RealData, source_size: int, batch_size: int = 25, num_workers: int = 0,
+                     resize_size: int = RUNNER_DATA["resize_size"], crop_size: int = RUNNER_DATA["crop_size"]):
+    """The CUB DataModule on ``source``'s originals (no resized cache: the source view needs the full photo): the
+    runner's split (``val_fraction``, ``split_seed``) and evaluation view, plus the view at ``source_size``."""
+    return source.datamodule(
+        cache=None, batch_size=batch_size, num_workers=num_workers, source_size=source_size, persistent_workers=False,
+        pin_memory=False, resize_size=resize_size, crop_size=crop_size, val_fraction=RUNNER_DATA["val_fraction"],
+        split_seed=RUNNER_DATA["split_seed"],
     )
 
 
@@ -75,14 +88,66 @@ def split_loader(datamodule, split: str):
     return {"val": datamodule.val_dataloader, "test": datamodule.test_dataloader}[split]()
 
 
-def features_model(num_classes: int, checkpoint: str | Path | None = None, **overrides: Any) -> TwoStageClassifier:
-    """A two-stage model with ``localization='features'``: the shared ImageNet weights (head unused by
-    ``energy``) or the stage 1 of a fine-tuned classifier's checkpoint."""
-    if checkpoint is not None:
-        return TwoStageClassifier.from_stage1_checkpoint(checkpoint, **overrides).eval()
-    kwargs = dict(STAGE1, num_classes=num_classes, pretrained=str(WEIGHTS), localization="features")
-    kwargs.update(data_mean=list(WEIGHTS_MEAN), data_std=list(WEIGHTS_STD), backbone_mean=list(WEIGHTS_MEAN), backbone_std=list(WEIGHTS_STD))
+def features_model(num_classes: int, source: RealData = RealData(), img_size: int = 224, **overrides: Any) -> TwoStageClassifier:
+    """A two-stage model with ``localization='features'`` around EfficientNet-Lite0 with ``source``'s weights and
+    normalisation, frozen (its head is untrained: only the responses that do not read it are scored)."""
+    kwargs = dict(STAGE1, num_classes=num_classes, img_size=img_size, localization="features", **source.model_kwargs())
     return TwoStageClassifier(**{**kwargs, **overrides}).eval()
+
+
+def checkpoint_model(name: str, path: str | Path, source: RealData, **overrides: Any) -> TwoStageClassifier:
+    """The stage 1 of ``--checkpoint name=path`` as a ``features`` two-stage model, for batches normalised as
+    ``source`` says (the backbone's own normalisation comes from the checkpoint). The checkpoint is untrusted input:
+    read with ``weights_only=True``, plain hyperparameters only; one of another model exits naming the file."""
+    checkpoint = real_data.read_checkpoint(path, f"--checkpoint {name}=")
+    class_path = checkpoint["hyper_parameters"].get("_class_path")
+    try:
+        if class_path is not None:
+            resolve_model_class(class_path, FineGrainedClassifier, str(path))
+        model = TwoStageClassifier.from_stage1_checkpoint(
+            path, data_mean=list(source.mean), data_std=list(source.std), compile=False, **overrides)
+    except (TypeError, ValueError, RuntimeError, KeyError) as err:
+        raise SystemExit(f"--checkpoint {name}={path}: not a checkpoint of an mgff FineGrainedClassifier or TwoStageClassifier "
+                         f"that fits its own hyperparameters ({type(err).__name__}: {err})") from None
+    return model.eval()
+
+
+@dataclass(frozen=True)
+class TrainedLocalizer:
+    """A checkpoint's own ``features`` localiser as trained: the model (its response and box rule in its
+    ``feature_localizer``), the side its map is computed at, and the row's labels."""
+
+    model: TwoStageClassifier
+    side: int
+    rule: str  # the localiser column: response and box rule
+    map: str  # the map column: side and grid
+
+
+def trained_localizer(name: str, path: str | Path, source: RealData, view_side: int, source_size: int) -> TrainedLocalizer | None:
+    """``--checkpoint name=path``'s own localiser (``None``, with a note, when it was trained with another localiser
+    than ``features``: the ground-truth box or a ViT).
+
+    The side: ``localize_size`` if the checkpoint sets it, else its ``img_size`` (else the view's). A map at the
+    view's side is stage 1's own (``localize_size=None``); another side is one pass on the source view resized to it,
+    so it must not exceed ``source_size``."""
+    hparams = real_data.read_checkpoint(path, f"--checkpoint {name}=")["hyper_parameters"]
+    localization = hparams.get("localization", "features")  # a single-stage checkpoint has no localiser hparams
+    if localization != "features":
+        print(f"--checkpoint {name}: trained with localization={localization!r}; no 'as trained' row (it scores features localisers)", file=sys.stderr)
+        return None
+    side = int(hparams.get("localize_size") or hparams.get("img_size") or view_side)
+    if side != view_side and side > source_size:
+        raise SystemExit(f"--checkpoint {name}={path} reads its map at {side} px, which is cut from the source view: "
+                         f"set --source-size to at least {side} (got {source_size})")
+    localize_size = side if hparams.get("localize_size") or side != view_side else None
+    model = checkpoint_model(name, path, source, localize_size=localize_size)
+    hp = model.hparams
+    with torch.no_grad():
+        _, maps = model.stage1_with_maps(torch.zeros(1, 3, side, side))
+    grid = maps[-2 if hp.feature_response == "refined" else -1].shape[-2:]
+    rule = (f"as trained: {hp.feature_response}, threshold {hp.box_threshold}, {hp.box_mode}, "
+            f"padding {hp.box_padding:g}, min {hp.min_box_size:g}")
+    return TrainedLocalizer(model, side, rule, f"{side} px ({grid[0]}x{grid[1]})")
 
 
 def responses_for(model: TwoStageClassifier) -> list[str]:
@@ -122,18 +187,23 @@ def limited(loader, limit: int | None):
 
 
 @torch.no_grad()
-def score_localizers(models: dict[str, TwoStageClassifier], loader, source_size: int, centred_fraction: float, limit: int | None = None) -> list[dict[str, Any]]:
-    """mIoU and hit@0.5 of the centred box and of every ``features`` response of every model, with the map
-    of stage 1's own forward (at the view's size) and of a pass at ``source_size`` on the source view.
+def score_localizers(models: dict[str, TwoStageClassifier], loader, source_size: int, centred_fraction: float, limit: int | None = None,
+                     trained: dict[str, TrainedLocalizer] | None = None) -> list[dict[str, Any]]:
+    """mIoU and hit@0.5 of the centred box, of every ``features`` response of every model (the default box rule)
+    with the map of stage 1's own forward (at the view's size) and of a pass at ``source_size`` on the source view,
+    and of every ``trained`` localiser as its checkpoint trained it (one row each, named by its key).
 
-    The 224 px maps are exactly what ``localize()`` reads in the model; the ``source_size`` maps are what it
-    reads with ``localize_size=source_size`` (the model's own ``stage1_with_maps`` on the source view)."""
-    metrics: dict[tuple[str, str, int], BoxIoU] = {("centred box", f"f={centred_fraction:.2f} (chosen on val)", 0): BoxIoU()}
+    The view-side maps are exactly what ``localize()`` reads in the model; the ``source_size`` maps are what it
+    reads with ``localize_size=source_size`` (the model's own ``stage1_with_maps`` on the source view). Each row:
+    ``localizer``, ``weights``, ``map`` (side and grid), ``miou``, ``hit50``, ``images``."""
+    trained = trained or {}
+    centred = ("centred box", f"f={centred_fraction:.2f} (chosen on val)", 0)
+    metrics: dict[tuple[str, str, int], BoxIoU] = {centred: BoxIoU()}
     grids: dict[tuple[str, str, int], str] = {}
     for batch in limited(loader, limit):
         images, gt = batch["image"], batch["box"].float()
         size = tuple(images.shape[-2:])
-        metrics[("centred box", f"f={centred_fraction:.2f} (chosen on val)", 0)].update(centred_boxes(len(gt), size, centred_fraction), gt)
+        metrics[centred].update(centred_boxes(len(gt), size, centred_fraction), gt)
         for name, model in models.items():
             for side in (size[0], source_size):
                 view = images if side == size[0] else model.input_norm.data_from_unit(batch["source"].float() / 255.0)
@@ -144,6 +214,11 @@ def score_localizers(models: dict[str, TwoStageClassifier], loader, source_size:
                     grids[key] = f"{side} px ({grid[0]}x{grid[1]})"
                     _, boxes = FeatureLocalizer(response)(maps, size, model.head, output.logits)
                     metrics.setdefault(key, BoxIoU()).update(boxes, gt)
+        for name, localizer in trained.items():
+            key = (localizer.rule, name, localizer.side)
+            grids[key] = localizer.map
+            boxes = localizer.model.localize_from_features(images, source=batch["source"]).boxes
+            metrics.setdefault(key, BoxIoU()).update(boxes, gt)
     rows = []
     for (localizer, weights, side), metric in metrics.items():
         values = metric.compute()
@@ -151,21 +226,31 @@ def score_localizers(models: dict[str, TwoStageClassifier], loader, source_size:
     return rows
 
 
-def cost_rows(num_classes: int, source_size: int) -> list[dict[str, Any]]:
+def write_csv(rows: list[dict[str, Any]], path: Path) -> Path:
+    """The table as CSV: one line per row, the columns of :data:`COLUMNS` (their keys as the header)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=[key for key, _, _ in COLUMNS])
+        writer.writeheader()
+        writer.writerows({key: row[key] for key, _, _ in COLUMNS} for row in rows)
+    return path
+
+
+def cost_rows(num_classes: int, source: RealData, source_size: int, view_side: int = 224) -> list[dict[str, Any]]:
     """FLOPs per image of one stage, of each localisation, of the two-stage forward (ratio to one stage)."""
-    images = torch.randn(1, 3, 224, 224)
-    model = features_model(num_classes)
+    images = torch.randn(1, 3, view_side, view_side)
+    model = features_model(num_classes, source, view_side)
     one_stage = count_flops(lambda: model.classify(images))[0]
-    rows = [dict(what="one stage (EfficientNet-Lite0 @224, linear head)", gflops=one_stage / 1e9, ratio=1.0, params_m=0.0)]
-    for side, label in ((None, "224 px: stage 1's own maps"), (source_size, f"{source_size} px: one more backbone pass")):
-        two = features_model(num_classes, localize_size=side)
-        source = torch.randint(0, 256, (1, 3, source_size, source_size), dtype=torch.uint8) if side else None
-        loc = count_flops(lambda: two.localize(images, source=source))[0]
-        full = count_flops(lambda: two.forward_outputs(images, {"source": source} if side else None))[0]
+    rows = [dict(what=f"one stage (EfficientNet-Lite0 @{view_side}, linear head)", gflops=one_stage / 1e9, ratio=1.0, params_m=0.0)]
+    for side, label in ((None, f"{view_side} px: stage 1's own maps"), (source_size, f"{source_size} px: one more backbone pass")):
+        two = features_model(num_classes, source, view_side, localize_size=side)
+        source_view = torch.randint(0, 256, (1, 3, source_size, source_size), dtype=torch.uint8) if side else None
+        loc = count_flops(lambda: two.localize(images, source=source_view))[0]
+        full = count_flops(lambda: two.forward_outputs(images, {"source": source_view} if side else None))[0]
         rows.append(dict(what=f"features localisation, {label}", gflops=loc / 1e9, ratio=loc / one_stage, params_m=0.0))
         rows.append(dict(what=f"two-stage forward, features @ {label.split(':')[0]}", gflops=full / 1e9, ratio=full / one_stage, params_m=0.0))
     for label, (vit_name, side) in VIT_LOCALIZERS.items():
-        vit = TwoStageClassifier(**STAGE1, num_classes=num_classes, localization="rollout", cropper=vit_name, cropper_pretrained=False).eval()
+        vit = TwoStageClassifier(**STAGE1, img_size=view_side, num_classes=num_classes, localization="rollout", cropper=vit_name, cropper_pretrained=False).eval()
         loc = count_flops(lambda: vit.localize(images))[0]
         params = sum(p.numel() for p in vit.cropper.parameters()) / 1e6
         rows.append(dict(what=f"{label} localisation (no weights offline: cost only)", gflops=loc / 1e9, ratio=loc / one_stage, params_m=params))
@@ -200,43 +285,68 @@ def save_figure(model: TwoStageClassifier, datamodule, path: str | Path, num_ima
     return path
 
 
+def parse_checkpoints(items: list[str]) -> dict[str, Path]:
+    """``--checkpoint NAME=PATH`` options -> ``{NAME: PATH}`` (names distinct)."""
+    checkpoints: dict[str, Path] = {}
+    for item in items:
+        name, _, path = item.partition("=")
+        if not name or not path:
+            raise SystemExit(f"--checkpoint takes NAME=PATH, got {item!r}")
+        if name in checkpoints:
+            raise SystemExit(f"--checkpoint {name}= given twice: names label the rows, so they must differ")
+        checkpoints[name] = Path(path)
+    return checkpoints
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--split", choices=("val", "test"), default="test")
-    parser.add_argument("--checkpoint", action="append", default=[], help="name=path of a fine-tuned classifier checkpoint; repeatable")
+    parser.add_argument("--checkpoint", action="append", default=[], metavar="NAME=PATH",
+                        help="a fine-tuned classifier checkpoint: every response at the view's side and --source-size, and its own localiser "
+                             "as trained (row NAME); repeatable")
     parser.add_argument("--source-size", type=int, default=448, help="side of the source view the finer maps are computed on")
+    parser.add_argument("--resize", type=int, default=RUNNER_DATA["resize_size"], help="the view: resize the shorter side to this (default the runner's)")
+    parser.add_argument("--crop", type=int, default=RUNNER_DATA["crop_size"], help="the view: centre crop of this side, the frame boxes are scored in (default the runner's)")
+    parser.add_argument("--batch-size", type=int, default=25)
     parser.add_argument("--limit", type=int, default=None, help="score only the first N images (quick checks)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, help="write the table to DIR/boxes.csv")
     parser.add_argument("--no-cost", action="store_true", help="skip the FLOP counts")
     parser.add_argument("--figure", type=Path, help="also save a few test birds with map, boxes and crop (PNG) here")
     parser.add_argument("--figure-model", default="imagenet (frozen)", help="weights name of the figure's model (a --checkpoint name + ' (fine-tuned)')")
     parser.add_argument("--figure-response", default="refined", help="its features response")
+    real_data.add_arguments(parser)
     args = parser.parse_args(argv)
-    if not DATA_ROOT.is_dir() or not WEIGHTS.is_file():
-        raise SystemExit(f"needs {DATA_ROOT} and {WEIGHTS} (the shared real data and weights)")
+    checkpoints = parse_checkpoints(args.checkpoint)
+    figure_models = ["imagenet (frozen)", *(f"{name} (fine-tuned)" for name in checkpoints)]
+    if args.figure and args.figure_model not in figure_models:
+        raise SystemExit(f"--figure-model {args.figure_model!r} is none of the scored models {figure_models}")
+    source = real_data.from_args(args).check()
     torch.set_num_threads(args.threads)
     command = "python benchmarks/box_quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
     print(f"# {command.strip()}\n# {describe_machine(machine_info(torch.device('cpu')))}, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC", flush=True)
-    datamodule = build_datamodule(args.source_size)
+    models = {f"{name} (fine-tuned)": checkpoint_model(name, path, source) for name, path in checkpoints.items()}
+    trained = {name: trained_localizer(name, path, source, args.crop, args.source_size) for name, path in checkpoints.items()}
+    datamodule = build_datamodule(source, args.source_size, args.batch_size, resize_size=args.resize, crop_size=args.crop)
     fraction = best_centred_fraction(split_loader(datamodule, "val"), args.limit)
-    models = {"imagenet (frozen)": features_model(datamodule.num_classes)}
-    for item in args.checkpoint:
-        name, _, path = item.partition("=")
-        if not path:
-            raise SystemExit(f"--checkpoint takes name=path, got {item!r}")
-        models[f"{name} (fine-tuned)"] = features_model(datamodule.num_classes, path)
+    models = {"imagenet (frozen)": features_model(datamodule.num_classes, source, args.crop), **models}
     start = time.perf_counter()
-    rows = score_localizers(models, split_loader(datamodule, args.split), args.source_size, fraction, args.limit)
-    columns = [("localizer", "localiser", "s"), ("weights", "weights", "s"), ("map", "map computed at (grid)", "s"), ("miou", "mIoU", ".3f"), ("hit50", "hit@0.5", ".3f"), ("images", "images", "d")]
-    print_table(f"Box quality on the {args.split} split ({time.perf_counter() - start:.0f} s)", columns, rows)
+    rows = score_localizers(models, split_loader(datamodule, args.split), args.source_size, fraction, args.limit,
+                            {name: t for name, t in trained.items() if t is not None})
+    print_table(f"Box quality on the {args.split} split ({time.perf_counter() - start:.0f} s)", COLUMNS, rows)
     result = {"split": args.split, "rows": rows}
+    if args.out:
+        print(f"table: {write_csv(rows, args.out / 'boxes.csv')}")
     if args.figure:
-        checkpoints = {f"{n} (fine-tuned)": p for n, _, p in (c.partition("=") for c in args.checkpoint)}
         overrides = dict(localize_size=args.source_size, crop_from="source", feature_response=args.figure_response)
-        figure_model = features_model(datamodule.num_classes, checkpoints.get(args.figure_model), **overrides)
+        named = {f"{name} (fine-tuned)": name for name in checkpoints}
+        if args.figure_model in named:
+            figure_model = checkpoint_model(named[args.figure_model], checkpoints[named[args.figure_model]], source, **overrides)
+        else:  # the frozen --weights
+            figure_model = features_model(datamodule.num_classes, source, args.crop, **overrides)
         print(f"figure: {save_figure(figure_model, datamodule, args.figure)}")
     if not args.no_cost:
-        cost = cost_rows(datamodule.num_classes, args.source_size)
+        cost = cost_rows(datamodule.num_classes, source, args.source_size, args.crop)
         print_table("Cost per image (FLOPs, batch 1)", [("what", "what", "s"), ("gflops", "GFLOPs", ".3f"), ("ratio", "x one stage", ".2f"), ("params_m", "extra params (M)", ".1f")], cost)
         result["cost"] = cost
     return result

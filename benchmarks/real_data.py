@@ -86,3 +86,31 @@ def from_args(args: argparse.Namespace) -> RealData:
         mean=tuple(getattr(args, "mean", DEFAULT_MEAN)),
         std=tuple(getattr(args, "std", DEFAULT_STD)),
     )
+
+
+def read_checkpoint(path: Path | str, option: str = "--checkpoint") -> dict[str, Any]:
+    """A fine-tuned checkpoint a benchmark reads, as untrusted input: ``torch.load(weights_only=True)`` (tensors and
+    plain containers, no pickled code), a dict with a ``state_dict`` of tensors and plain ``hyper_parameters``
+    (:func:`mgff.lit.checkpoint.plain_hyperparameters`, ``{}`` when absent). Exits naming ``option``, the file and
+    what was expected when it is not such a file."""
+    import pickle
+
+    import torch
+
+    from mgff.lit.checkpoint import plain_hyperparameters
+
+    path = Path(path)
+    if not path.is_file():
+        raise SystemExit(f"{option} {path}: no such file (expected a Lightning checkpoint of an mgff classifier)")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
+        raise SystemExit(f"{option} {path}: not a checkpoint torch.load(weights_only=True) can read ({type(err).__name__}: {err})") from None
+    state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise SystemExit(f"{option} {path}: expected a Lightning checkpoint (a dict whose 'state_dict' maps names to tensors)")
+    try:
+        checkpoint["hyper_parameters"] = plain_hyperparameters(checkpoint.get("hyper_parameters", {}), str(path))
+    except ValueError as err:  # UntrustedCheckpointError: it names the file and the key
+        raise SystemExit(f"{option}: {err}") from None
+    return checkpoint

@@ -1,0 +1,122 @@
+"""benchmarks/head_probe.py: the frozen backbone's maps are computed once and read back from the disk cache (a changed
+input computes them again); every head trains over the seeds and is reported; the reported test top-1 is that of the
+best-validation epoch; a missing root is refused by name."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks import head_probe, real_data, real_photos  # noqa: E402
+
+
+@pytest.fixture
+def tiny_inputs(monkeypatch):
+    """The runner's data and model at 64 px (maps 40x8x8, 112x4x4, 1280x2x2), so the probe takes seconds."""
+    monkeypatch.setitem(real_photos.DATA, "resize_size", 72)
+    monkeypatch.setitem(real_photos.DATA, "crop_size", 64)
+    monkeypatch.setitem(real_photos.COMMON, "img_size", 64)
+
+
+@pytest.fixture
+def weights(tmp_path) -> Path:
+    """Anyone's EfficientNet-Lite0 weights: a random state dict saved as .safetensors."""
+    path = tmp_path / "lite0.safetensors"
+    torch.manual_seed(0)
+    save_file(timm.create_model("efficientnet_lite0").state_dict(), path)
+    return path
+
+
+def probe_args(root: Path, weights: Path, tmp_path: Path, *more: str) -> list[str]:
+    return ["--root", str(root), "--weights", str(weights), "--mean", "0.5", "0.5", "0.5", "--std", "0.5", "0.5", "0.5",
+            "--out", str(tmp_path / "out"), "--cache", str(tmp_path / "cache"), *more]
+
+
+def test_every_head_over_two_seeds_with_the_maps_computed_once(tiny_inputs, cub_root, weights, tmp_path, monkeypatch):
+    computed = []
+    compute = head_probe.compute_maps
+    monkeypatch.setattr(head_probe, "compute_maps", lambda model, data: computed.append(1) or compute(model, data))
+    first = head_probe.main(probe_args(cub_root, weights, tmp_path, "--epochs", "2", "--seeds", "0,1"))
+    assert len(computed) == 1 and first["maps"]["source"] == "computed"
+    # the generated CUB: 4 classes x 12 photos, half for training, of which 20 % (1 per class) for validation
+    splits = {name: (s.num_images, s.views) for name, s in head_probe.load_or_compute_maps(real_data.RealData(cub_root, weights), tmp_path / "cache")[0].splits.items()}
+    assert splits == {"train": (20, 2), "val": (4, 1), "test": (24, 1)} and len(computed) == 1
+    cache_files = list((tmp_path / "cache").rglob("*.pt"))
+    assert len(cache_files) == 1 and cache_files[0].parent == real_data.RealData(cub_root).cache_dir(tmp_path / "cache")
+    assert all(m.dtype == torch.float16 for s in torch.load(cache_files[0], weights_only=True)["splits"].values() for m in s["maps"])
+
+    table = (tmp_path / "out" / "results.md").read_text()
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    for name in head_probe.HEADS:
+        assert f"| {name} | 2 |" in table
+        assert sorted(saved["results"][name]) == ["0", "1"]
+        for result in saved["results"][name].values():
+            assert len(result["val_acc"]) == 2 and result["best_epoch"] == 1 + result["val_acc"].index(max(result["val_acc"]))
+            assert len(result["test_correct"]) == 24 and result["test_acc"] == pytest.approx(sum(result["test_correct"]) / 24, abs=1e-4)
+    assert "| linear | 2 |" in table and "vs linear" in table and "maps" in table.lower()
+    assert table.count("[") >= len(head_probe.HEADS) - 1  # every head but linear has its interval against linear
+
+    # a second run reads the disk cache instead of computing
+    second = head_probe.main(probe_args(cub_root, weights, tmp_path, "--heads", "linear", "--epochs", "1", "--seeds", "0"))
+    assert len(computed) == 1 and second["maps"]["source"] == "disk"
+    assert "read from the disk cache" in (tmp_path / "out" / "results.md").read_text()
+    # another image size or other weights: other maps, computed again into their own file
+    monkeypatch.setitem(real_photos.DATA, "crop_size", 56)
+    monkeypatch.setitem(real_photos.COMMON, "img_size", 56)
+    third = head_probe.main(probe_args(cub_root, weights, tmp_path, "--heads", "linear", "--epochs", "1", "--seeds", "0"))
+    assert len(computed) == 2 and third["maps"]["source"] == "computed" and len(list((tmp_path / "cache").rglob("*.pt"))) == 2
+
+
+def test_the_reported_test_accuracy_is_that_of_the_best_validation_epoch(monkeypatch):
+    """Known answer: validation top-1 per epoch 0.25, 0.75, 0.5, 0.75 -> epoch 2 (the first of the best), whose test
+    top-1 was 0.5 (the last epoch's was 1.0, the best test 1.0)."""
+    val_script, test_script = [0.25, 0.75, 0.5, 0.75], [0.0, 0.5, 0.25, 1.0]
+    fingerprints: list[float] = []  # the head's weights at each epoch's validation
+
+    def scripted_evaluate(head, split, batch_size=head_probe.EVAL_BATCH):
+        fingerprint = head.classifier.weight.detach().double().sum().item()
+        if split.name == "val":
+            fingerprints.append(fingerprint)
+            accuracy = val_script[len(fingerprints) - 1]
+        else:  # which epoch's weights are being tested
+            accuracy = test_script[fingerprints.index(fingerprint)]
+        n = split.num_images
+        return torch.arange(n) < round(accuracy * n)
+
+    monkeypatch.setattr(head_probe, "evaluate", scripted_evaluate)
+    torch.manual_seed(0)
+    maps = lambda n, views: [torch.randn(views * n, 8, 4, 4).half(), torch.randn(views * n, 16, 2, 2).half()]  # noqa: E731
+    splits = {
+        "train": head_probe.MapSplit("train", maps(8, 2), torch.arange(8).remainder(2).repeat(2), views=2),
+        "val": head_probe.MapSplit("val", maps(4, 1), torch.tensor([0, 1, 0, 1])),
+        "test": head_probe.MapSplit("test", maps(4, 1), torch.tensor([0, 1, 0, 1])),
+    }
+    from mgff.models.heads import LinearHead
+
+    class Model(torch.nn.Module):  # what train_head uses of the classifier: its head and its loss
+        def __init__(self):
+            super().__init__()
+            self.head = LinearHead([8, 16], [2, 4], 2)
+
+        def loss_terms(self, logits, aux_loss, labels):
+            return {"ce": torch.nn.functional.cross_entropy(logits["main"], labels)}
+
+    result = head_probe.train_head(Model(), splits, head_probe.Recipe(epochs=4, batch_size=4, lr=0.05), seed=0)
+    assert len(set(fingerprints)) == 4  # the weights moved every epoch, so each test call names one epoch
+    assert result["val_acc"] == val_script and result["best_epoch"] == 2
+    assert result["best_val_acc"] == 0.75 and result["test_acc"] == 0.5
+
+
+def test_a_missing_root_or_unknown_head_is_refused(tmp_path, weights):
+    with pytest.raises(SystemExit, match=r"--root .*nowhere"):
+        head_probe.main(["--root", str(tmp_path / "nowhere"), "--weights", str(weights), "--out", str(tmp_path / "out")])
+    with pytest.raises(SystemExit, match="unknown head.*mgff_wide.*known: linear"):
+        head_probe.parse_heads("linear,mgff_wide")
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,412 @@
+"""``python -m mgff.report RUN_DIR...``: many ``mgff.fit`` runs, one table; seeds pooled per configuration.
+
+Every folder under the given paths that holds a ``config.yaml`` or a ``metrics.json`` (what ``mgff.fit``
+writes into its run directory) is a run. A run without ``metrics.json`` (stopped, diverged, still running,
+or another subcommand's folder), without ``config.yaml``, or with a file that cannot be read is listed as
+skipped, with the reason.
+
+**Grouping.** Runs whose resolved ``config.yaml`` are equal except for the keys in :data:`IGNORED_KEYS`
+form one group: the seed (``seed_everything``), where outputs and logs go (``trainer.default_root_dir``,
+everything under ``trainer.logger``: its class, ``save_dir``, ``name``, ``version``...; the ``dirpath`` of
+``checkpoint``, ``last_checkpoint`` and ``preemption``; ``prediction_writer.output_dir``), ``ckpt_path``,
+and the worker and device counts (``data.init_args.num_workers``, ``trainer.devices``,
+``trainer.num_nodes``). A group is named by the config keys and values that differ between groups, each
+key shortened to the last part(s) that tell it apart (``lr=0.001,head=linear``); one group is ``all``.
+
+**Table.** Markdown, one row per group: runs, seeds, mean ± sd over runs (sample sd, n-1) of ``test/acc``
+and of the best ``val/acc`` (``metrics.json``), epochs, fit time. ``--csv FILE`` writes the same numbers.
+
+**``--compare A B``** (group labels; repeatable): the difference ``test/acc(B) - test/acc(A)`` with the pooled
+paired bootstrap 95 % interval (:func:`mgff.stats.pooled_paired_bootstrap`): the runs of A and B are paired
+by seed, each pair's per-image results come from ``test_predictions.csv`` (written by the run's own test),
+and every pair must cover the same test images.
+
+**``--plot FILE``**: each group's ``val/acc`` per epoch from the runs' CSV logs (``metrics.csv``): the mean
+over its runs and the range (min to max). A run without a CSV log is left out of the plot, with a note.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import fnmatch
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import yaml
+
+from mgff.stats import pooled_paired_bootstrap
+
+__all__ = ["IGNORED_KEYS", "Group", "Run", "find_runs", "group_runs", "markdown_table", "compare", "plot_val_curves", "main"]
+
+#: config keys (dotted, ``fnmatch`` patterns; list items as ``key[i]``) that do not separate groups
+IGNORED_KEYS: tuple[str, ...] = (
+    "seed_everything",
+    "trainer.default_root_dir",
+    "trainer.logger",
+    "trainer.logger.*",
+    "trainer.logger[[]*",
+    "checkpoint.dirpath",
+    "last_checkpoint.dirpath",
+    "preemption.dirpath",
+    "prediction_writer.output_dir",
+    "ckpt_path",
+    "data.init_args.num_workers",
+    "trainer.devices",
+    "trainer.num_nodes",
+)
+
+TEST_PREDICTIONS = "test_predictions.csv"
+CSV_LOG = "metrics.csv"
+
+
+@dataclass
+class Run:
+    """One finished ``mgff.fit`` run: its folder, flattened config (key -> JSON text), ``metrics.json`` and seed."""
+
+    path: Path
+    config: dict[str, str]
+    metrics: dict[str, Any]
+    seed: int | None
+
+
+@dataclass
+class Group:
+    """Runs with the same config but for :data:`IGNORED_KEYS`; ``settings`` are the keys that differ between
+    groups (full dotted key -> value as text), ``label`` their short form."""
+
+    label: str
+    runs: list[Run]
+    settings: dict[str, str] = field(default_factory=dict)
+
+
+# ----- finding and reading runs ---------------------------------------------------------------------
+def find_runs(paths: Sequence[str | Path]) -> tuple[list[Run], list[tuple[Path, str]]]:
+    """The runs under ``paths`` (a run folder itself or any folder above runs) and the skipped folders with
+    their reasons, both in path order."""
+    folders: set[Path] = set()
+    for path in map(Path, paths):
+        if not path.is_dir():
+            raise FileNotFoundError(f"{path} is not a folder of runs")
+        folders |= {p.parent.resolve() for name in ("config.yaml", "metrics.json") for p in path.rglob(name)}
+    runs, skipped = [], []
+    for folder in sorted(folders):
+        run_or_reason = read_run(folder)
+        if isinstance(run_or_reason, Run):
+            runs.append(run_or_reason)
+        else:
+            skipped.append((folder, run_or_reason))
+    return runs, skipped
+
+
+def read_run(folder: Path) -> Run | str:
+    """The run in ``folder``, or why it cannot be used."""
+    if not (folder / "metrics.json").is_file():
+        return "no metrics.json: the run did not finish (stopped, diverged, still running) or is not an mgff.fit run"
+    if not (folder / "config.yaml").is_file():
+        return "no config.yaml: its configuration is unknown, so it cannot be grouped"
+    try:
+        metrics = json.loads((folder / "metrics.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        return f"metrics.json is not valid JSON (a partial write?): {err}"
+    missing = [key for key in ("test/acc", "epochs", "fit_seconds") if not isinstance(metrics, dict) or key not in metrics]
+    if missing:
+        return f"metrics.json lacks {', '.join(missing)}"
+    try:
+        config = yaml.safe_load((folder / "config.yaml").read_text())
+    except yaml.YAMLError as err:
+        return f"config.yaml cannot be read as YAML: {err}"
+    if not isinstance(config, dict):
+        return "config.yaml is not a mapping of config keys"
+    seed = config.get("seed_everything")
+    return Run(folder, flatten(config), metrics, seed if isinstance(seed, int) and not isinstance(seed, bool) else None)
+
+
+def flatten(config: Any, prefix: str = "") -> dict[str, str]:
+    """``{"trainer": {"max_epochs": 10}, "x": [1, 2]}`` -> ``{"trainer.max_epochs": "10", "x": "[1, 2]"}``; lists
+    of mappings (callbacks, loggers) by index: ``trainer.callbacks[0].class_path``."""
+    if isinstance(config, dict):
+        out: dict[str, str] = {}
+        for key, value in config.items():
+            out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+        return out or {prefix: "{}"}
+    if isinstance(config, list) and any(isinstance(item, dict) for item in config):
+        out = {}
+        for i, item in enumerate(config):
+            out.update(flatten(item, f"{prefix}[{i}]"))
+        return out
+    return {prefix: json.dumps(config, sort_keys=True)}
+
+
+def ignored(key: str) -> bool:
+    return any(fnmatch.fnmatchcase(key, pattern) for pattern in IGNORED_KEYS)
+
+
+# ----- grouping ------------------------------------------------------------------------------------
+def group_runs(runs: Sequence[Run]) -> list[Group]:
+    """Groups of ``runs`` (see the module's doc), in the order of their first run, labelled by what differs."""
+    by_config: dict[tuple, list[Run]] = {}
+    for run in runs:
+        by_config.setdefault(tuple(sorted((k, v) for k, v in run.config.items() if not ignored(k))), []).append(run)
+    configs = [dict(key) for key in by_config]
+    all_keys = sorted({k for config in configs for k in config})
+    differing = [k for k in all_keys if len({config.get(k) for config in configs}) > 1]
+    short = short_names(differing)
+    groups: list[Group] = []
+    for config, members in zip(configs, by_config.values()):
+        settings = {k: config.get(k, "unset") for k in differing}
+        label = ",".join(f"{short[k]}={_display(k, v)}" for k, v in settings.items()) or "all"
+        if any(g.label == label for g in groups):  # values that only differ in what the label drops
+            label += f"#{len(groups) + 1}"
+        groups.append(Group(label, members, settings))
+    return groups
+
+
+def short_names(keys: Sequence[str]) -> dict[str, str]:
+    """Each dotted key shortened to its last part(s), ``init_args`` dropped, as many as keep the names apart."""
+    parts = {k: [p for p in k.split(".") if p != "init_args"] for k in keys}
+    short = {}
+    for key in keys:
+        for n in range(1, len(parts[key]) + 1):
+            name = ".".join(parts[key][-n:])
+            if sum(".".join(other[-n:]) == name for other in parts.values()) == 1:
+                break
+        short[key] = name
+    return short
+
+
+def _display(key: str, value: str) -> str:
+    if value == "unset":
+        return value
+    loaded = json.loads(value)
+    if isinstance(loaded, str):
+        return loaded.rsplit(".", 1)[-1] if key.endswith("class_path") else loaded
+    return value.replace(" ", "")
+
+
+# ----- table ---------------------------------------------------------------------------------------
+def group_summary(group: Group) -> dict[str, Any]:
+    """The table's numbers of one group: runs, seeds, mean and sd (n-1; NaN for one run) of test/acc and best
+    val/acc, epochs (min, max) and mean fit seconds; then the differing settings."""
+    def mean_sd(key: str) -> tuple[float, float]:
+        values = np.array([float(r.metrics[key]) for r in group.runs if r.metrics.get(key) is not None])
+        if not len(values):
+            return math.nan, math.nan
+        return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else math.nan
+
+    test_mean, test_sd = mean_sd("test/acc")
+    val_mean, val_sd = mean_sd("best_val/acc")
+    epochs = [int(r.metrics["epochs"]) for r in group.runs]
+    return {
+        "group": group.label,
+        "runs": len(group.runs),
+        "seeds": " ".join(str(r.seed) if r.seed is not None else "?" for r in sorted(group.runs, key=_seed_order)),
+        "test_acc_mean": test_mean,
+        "test_acc_sd": test_sd,
+        "best_val_acc_mean": val_mean,
+        "best_val_acc_sd": val_sd,
+        "epochs_min": min(epochs),
+        "epochs_max": max(epochs),
+        "fit_seconds_mean": float(np.mean([float(r.metrics["fit_seconds"]) for r in group.runs])),
+        **group.settings,
+        "run_dirs": " ".join(str(r.path) for r in group.runs),
+    }
+
+
+def markdown_table(groups: Sequence[Group]) -> str:
+    """One row per group: runs, seeds, ``test/acc`` and best ``val/acc`` as mean ± sd, epochs, fit time."""
+    lines = ["| group | runs | seeds | test/acc | best val/acc | epochs | fit time |", "|---|---|---|---|---|---|---|"]
+    for s in map(group_summary, groups):
+        epochs = str(s["epochs_min"]) if s["epochs_min"] == s["epochs_max"] else f"{s['epochs_min']}-{s['epochs_max']}"
+        lines.append(
+            f"| {s['group']} | {s['runs']} | {s['seeds']} | {_mean_sd(s['test_acc_mean'], s['test_acc_sd'])} "
+            f"| {_mean_sd(s['best_val_acc_mean'], s['best_val_acc_sd'])} | {epochs} | {_duration(s['fit_seconds_mean'])} |"
+        )
+    return "\n".join(lines)
+
+
+def write_csv(groups: Sequence[Group], path: str | Path) -> None:
+    rows = [group_summary(g) for g in groups]
+    fields = list(dict.fromkeys(k for row in rows for k in row))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _mean_sd(mean: float, sd: float) -> str:
+    if math.isnan(mean):
+        return "-"
+    return f"{mean:.4f}" if math.isnan(sd) else f"{mean:.4f} ± {sd:.4f}"
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
+def _seed_order(run: Run) -> tuple[bool, int, str]:
+    return (run.seed is None, run.seed or 0, str(run.path))
+
+
+# ----- comparison ----------------------------------------------------------------------------------
+def read_test_predictions(run: Run) -> tuple[np.ndarray, np.ndarray]:
+    """``(index (N,), correct (N,) bool)`` of a run's ``test_predictions.csv``, sorted by dataset index."""
+    path = run.path / TEST_PREDICTIONS
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing (the run predates mgff writing it, or its test did not finish)")
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows or not {"index", "correct"} <= rows[0].keys():
+        raise ValueError(f"{path} has no rows with index and correct columns")
+    index = np.array([int(r["index"]) for r in rows])
+    correct = np.array([r["correct"] == "1" for r in rows])
+    order = np.argsort(index, kind="stable")
+    return index[order], correct[order]
+
+
+def compare(a: Group, b: Group, samples: int = 10000, seed: int = 0) -> str:
+    """``test/acc(B) - test/acc(A)`` and its pooled paired bootstrap 95 % interval, runs paired by seed; one
+    Markdown paragraph, with notes on runs left unpaired."""
+    notes: list[str] = []
+    for group in (a, b):
+        seeds = [r.seed for r in group.runs if r.seed is not None]
+        if len(seeds) != len(set(seeds)):
+            raise ValueError(f"group {group.label} has several runs of one seed ({sorted(seeds)}): pass one run per seed")
+        notes += [f"{r.path}: no integer seed_everything, cannot be paired" for r in group.runs if r.seed is None]
+    runs_a = {r.seed: r for r in a.runs if r.seed is not None}
+    runs_b = {r.seed: r for r in b.runs if r.seed is not None}
+    for name, own, other in ((a.label, runs_a, runs_b), (b.label, runs_b, runs_a)):
+        notes += [f"seed {s} of {name} has no run in the other group" for s in sorted(set(own) - set(other))]
+    pairs, seeds, images, reference = [], [], None, None
+    for s in sorted(set(runs_a) & set(runs_b)):
+        index_a, correct_a = read_test_predictions(runs_a[s])
+        index_b, correct_b = read_test_predictions(runs_b[s])
+        for index, run in ((index_a, runs_a[s]), (index_b, runs_b[s])):
+            if images is None:
+                images, reference = index, run.path / TEST_PREDICTIONS
+            elif not np.array_equal(index, images):
+                raise ValueError(f"{run.path / TEST_PREDICTIONS} covers other test images ({len(index)}) than {reference} ({len(images)})")
+        pairs.append((correct_a, correct_b))
+        seeds.append(s)
+    if not pairs:
+        raise ValueError(f"groups {a.label} and {b.label} have no seed in common: nothing to pair")
+    diff, low, high = pooled_paired_bootstrap(pairs, samples=samples, seed=seed)
+    text = (
+        f"**{b.label} - {a.label}**: test/acc {diff:+.4f}, pooled paired bootstrap 95 % interval [{low:+.4f}, {high:+.4f}] "
+        f"({len(pairs)} seed pair{'s' if len(pairs) > 1 else ''}: {', '.join(map(str, seeds))}; {len(images)} test images; {samples} resamples)"
+    )
+    return text + "".join(f"\n- {note}" for note in notes)
+
+
+# ----- plot ----------------------------------------------------------------------------------------
+def val_acc_by_epoch(run: Run) -> dict[int, float] | None:
+    """``{epoch (0-based): val/acc}`` from the run's CSV log (the last value logged in an epoch), ``None``
+    without a CSV log."""
+    path = run.path / CSV_LOG
+    if not path.is_file():
+        return None
+    curve = {}
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            if row.get("val/acc") not in (None, "") and row.get("epoch") not in (None, ""):
+                curve[int(row["epoch"])] = float(row["val/acc"])
+    return curve
+
+
+def plot_val_curves(groups: Sequence[Group], path: str | Path) -> list[str]:
+    """Draw each group's ``val/acc`` per epoch (mean over its runs, min-max band) into ``path``; return notes
+    on the runs left out."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    notes = []
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, group in enumerate(groups):
+        curves = []
+        for run in group.runs:
+            curve = val_acc_by_epoch(run)
+            if not curve:
+                notes.append(f"{run.path}: no val/acc in a CSV log ({CSV_LOG}), left out of the plot")
+            else:
+                curves.append(curve)
+        if not curves:
+            continue
+        epochs = sorted({e for c in curves for e in c})
+        values = [[c[e] for c in curves if e in c] for e in epochs]
+        x = np.array(epochs) + 1
+        color = f"C{i % 10}"
+        ax.plot(x, [np.mean(v) for v in values], color=color, marker="o", ms=3, label=f"{group.label} ({len(curves)} run{'s' if len(curves) > 1 else ''})")
+        low, high = [min(v) for v in values], [max(v) for v in values]
+        ax.fill_between(x, low, high, color=color, alpha=0.2, lw=0)
+        if len(x) == 1:  # a band needs two epochs: the range as a bar
+            ax.vlines(x, low, high, color=color, alpha=0.5)
+    if ax.lines:
+        ax.set_xlim(0.5, max(max(line.get_xdata()) for line in ax.lines) + 0.5)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+    ax.set_xlabel("epochs trained")
+    ax.set_ylabel("val/acc")
+    ax.set_title("val/acc: mean over seeds, band from min to max")
+    ax.grid(alpha=0.3)
+    if ax.lines:
+        ax.legend(fontsize=8)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return notes
+
+
+# ----- command line --------------------------------------------------------------------------------
+def main(argv: Sequence[str] | None = None) -> str:
+    """``python -m mgff.report RUN_DIR... [--csv FILE] [--compare A B] [--plot FILE]``: print the report, return it."""
+    parser = argparse.ArgumentParser(prog="python -m mgff.report", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("paths", nargs="+", metavar="RUN_DIR", help="run folders, or folders searched for runs")
+    parser.add_argument("--csv", metavar="FILE", help="also write the table's numbers as CSV")
+    parser.add_argument("--compare", nargs=2, action="append", default=[], metavar=("A", "B"), help="pooled paired bootstrap of B - A (group labels); repeatable")
+    parser.add_argument("--plot", metavar="FILE", help="val/acc per epoch of each group (mean and range over runs) as an image")
+    parser.add_argument("--samples", type=int, default=10000, help="bootstrap resamples (default 10000)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resampling")
+    args = parser.parse_args(argv)
+
+    try:
+        runs, skipped = find_runs(args.paths)
+    except FileNotFoundError as err:
+        parser.error(str(err))
+    groups = group_runs(runs)
+    parts = [markdown_table(groups) if groups else "No finished runs found."]
+    if skipped:
+        parts.append("Skipped:\n" + "\n".join(f"- {folder}: {reason}" for folder, reason in skipped))
+    by_label = {g.label: g for g in groups}
+    for label_a, label_b in args.compare:
+        unknown = [label for label in (label_a, label_b) if label not in by_label]
+        if unknown:
+            parser.error(f"--compare: no group {', '.join(map(repr, unknown))}; the groups are {', '.join(map(repr, by_label)) or 'none'}")
+        try:
+            parts.append(compare(by_label[label_a], by_label[label_b], samples=args.samples, seed=args.seed))
+        except (FileNotFoundError, ValueError) as err:
+            print("\n\n".join(parts))
+            sys.exit(f"mgff.report: --compare {label_a} {label_b}: {err}")
+    if args.csv:
+        write_csv(groups, args.csv)
+        parts.append(f"Table written to {args.csv}")
+    if args.plot:
+        notes = plot_val_curves(groups, args.plot)
+        parts.append(f"Plot written to {args.plot}" + "".join(f"\n- {note}" for note in notes))
+    report = "\n\n".join(parts)
+    print(report)
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,8 +1,9 @@
 """Two-stage on real photos, evaluated with one fine-tuned classifier (issue 13 §3, §4).
 
 Takes the single-stage run of ``benchmarks/real_photos.py`` (``ts_single``: EfficientNet-Lite0 + linear
-head fine-tuned at 224 px, inputs at mean = std = 0.5) and runs the two-stage model with *those weights*
-on the 652 test photos (stage 2 = the same classifier on the crop, as ``shared_classifier: true``),
+head fine-tuned at 224 px, inputs at ``--mean``/``--std``, 0.5 by default) and runs the two-stage model with
+*those weights* on the test photos of ``--root`` (default: the 652 of the shared real photos,
+:mod:`benchmarks.real_data`; stage 2 = the same classifier on the crop, as ``shared_classifier: true``),
 for every combination of
 
 - the localiser: ``features`` (the stage-1 network's own map) or ``ground_truth`` (the official box,
@@ -13,8 +14,14 @@ and reports per combination the test top-1 of stage 1, stage 2 and the merge (``
 ``sum_logits``), the boxes' mIoU / hit@0.5 against the official boxes (view frame), and stage 2's top-1
 split by whether the box hits (IoU >= 0.5). Stage 2 was never trained on crops here: this isolates the
 box and the crop's resolution from stage 2's training, which the two-stage runs of the runner add.
+Intervals: :func:`mgff.stats.paired_bootstrap`. The checkpoint is untrusted input, read with ``weights_only=True``.
+The models are built as the runner builds its ``ts_*`` runs (:func:`benchmarks.real_photos.model_kwargs`) on
+``--weights`` (which the checkpoint's weights then replace) and the data's normalisation ``--mean``/``--std``; a
+checkpoint trained with another backbone normalisation is refused, naming the file.
 
     nice -n 5 python benchmarks/real_photos_two_stage.py --checkpoint runs/real_photos_two_stage/ts_single/best.ckpt
+    python benchmarks/real_photos_two_stage.py --root /data/CUB_200_2011 --weights my_lite0.safetensors \\
+        --checkpoint runs/mine/ts_single/best.ckpt --out runs/mine/two_stage_eval
 """
 
 from __future__ import annotations
@@ -31,26 +38,33 @@ from torchvision.ops import box_iou
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks import real_photos  # noqa: E402
+from benchmarks import real_data, real_photos  # noqa: E402
 from benchmarks.measure import describe_machine, machine_info  # noqa: E402
+from benchmarks.real_data import RealData  # noqa: E402
+from mgff.stats import paired_bootstrap  # noqa: E402
 
 VARIANTS = ("ts_features_view", "ts_features_source", "ts_oracle_view", "ts_oracle_source")
 KNOWN_VARIANTS = VARIANTS + ("ts_energy_source",)  # the features box with the `energy` response (the default before `refined`)
 DEFAULT_OUT = real_photos.DEFAULT_OUT.parent / "real_photos_two_stage"
 
 
-def load_models(checkpoint: Path, data, variants=VARIANTS) -> dict[str, torch.nn.Module]:
-    """Each variant's two-stage model (as the runner builds it) with the checkpoint's weights (a single-stage
-    run's, or a two-stage run's with a shared classifier: the same keys)."""
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
+def load_models(checkpoint: Path, data, variants=VARIANTS, source: RealData = RealData()) -> dict[str, torch.nn.Module]:
+    """Each variant's two-stage model (as the runner builds it on ``source``'s weights and normalisation) with the
+    checkpoint's weights (a single-stage run's, or a two-stage run's with a shared classifier: the same keys). The
+    checkpoint is read as untrusted input (:func:`benchmarks.real_data.read_checkpoint`); one that does not fit
+    exits naming the file."""
+    state = real_data.read_checkpoint(checkpoint)["state_dict"]
     models = {}
     for name in variants:
         run = real_photos.RUNS[name]
-        model = real_photos.import_class(run.model_class)(**real_photos.model_kwargs(run, data)).eval()
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        model = real_photos.import_class(run.model_class)(**real_photos.model_kwargs(run, data, source)).eval()
+        try:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        except (RuntimeError, ValueError) as err:  # a shape that differs; another backbone normalisation
+            raise SystemExit(f"--checkpoint {checkpoint} does not fit {name}: {err}") from None
         missing = [k for k in missing if not k.startswith(("metrics.", "box_iou."))]
         if missing or unexpected:
-            raise RuntimeError(f"{checkpoint} does not fit {name}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+            raise SystemExit(f"--checkpoint {checkpoint} does not fit {name}: missing {missing[:5]}, unexpected {unexpected[:5]}")
         models[name] = model
     return models
 
@@ -88,11 +102,13 @@ def merged_logits(parts: dict[str, torch.Tensor]) -> torch.Tensor:
 
 def interval(correct_a: torch.Tensor, correct_b: torch.Tensor) -> str:
     """``acc(b) - acc(a)`` with its paired bootstrap 95 % interval, as text."""
-    d, low, high = real_photos.paired_bootstrap(correct_a.numpy(), correct_b.numpy())
+    d, low, high = paired_bootstrap(correct_a.numpy(), correct_b.numpy())
     return f"{d:+.3f} [{low:+.3f}, {high:+.3f}]"
 
 
-def summarise(parts: dict[str, torch.Tensor], labels: torch.Tensor, gt: torch.Tensor) -> dict[str, float]:
+def summarise(parts: dict[str, torch.Tensor], labels: torch.Tensor, gt: torch.Tensor, side: int = 224) -> dict[str, float]:
+    """One variant's figures from its logits ``(N, C)`` and boxes ``(N, 4)`` against ``labels (N,)`` and the official
+    boxes ``gt (N, 4)``, all in the frame of the ``side`` x ``side`` view; ``box_area`` is a share of the view."""
     acc = lambda logits: float((logits.argmax(-1) == labels).float().mean())  # noqa: E731
     p1, p2 = parts["stage1"].softmax(-1), parts["stage2"].softmax(-1)
     iou = box_iou(parts["box"], gt).diagonal()
@@ -107,7 +123,7 @@ def summarise(parts: dict[str, torch.Tensor], labels: torch.Tensor, gt: torch.Te
         box_hit50=float(hit.float().mean()),
         stage2_on_hits=float(stage2_right[hit].float().mean()) if hit.any() else float("nan"),
         stage2_on_misses=float(stage2_right[~hit].float().mean()) if (~hit).any() else float("nan"),
-        box_area=float(((parts["box"][:, 2] - parts["box"][:, 0]) * (parts["box"][:, 3] - parts["box"][:, 1])).mean() / 224**2),
+        box_area=float(((parts["box"][:, 2] - parts["box"][:, 0]) * (parts["box"][:, 3] - parts["box"][:, 1])).mean() / side**2),
     )
 
 
@@ -119,30 +135,33 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"some of {','.join(KNOWN_VARIANTS)}")
     parser.add_argument("--oracle-padding", type=float, default=0.0, help="grow the oracle's boxes by this share of their size per side")
     parser.add_argument("--limit", type=int, default=None, help="first N test images only (a quick check)")
+    parser.add_argument("--workers", type=int, default=1, help="loader worker processes")
+    real_data.add_arguments(parser)
     args = parser.parse_args(argv)
-    if not args.checkpoint.is_file():
-        raise SystemExit(f"needs the single-stage checkpoint {args.checkpoint}")
-    real_photos.RealData().check()
-    torch.set_num_threads(args.threads)
-    args.out.mkdir(parents=True, exist_ok=True)
-    data = real_photos.build_datamodule(real_photos.RealData(), 1, **real_photos.SOURCE_DATA)
-    data.setup("test")
-    if args.limit:
-        data.datasets["test"].samples = data.datasets["test"].samples[: args.limit]
     variants = [v for v in args.variants.split(",") if v]
     unknown = [v for v in variants if v not in KNOWN_VARIANTS]
     if unknown:
         raise SystemExit(f"unknown variant(s) {unknown}; known: {KNOWN_VARIANTS}")
-    models = load_models(args.checkpoint, data, variants)
+    source = real_data.from_args(args).check()
+    if not args.checkpoint.is_file():
+        raise SystemExit(f"--checkpoint {args.checkpoint}: no such file (a single-stage run's best.ckpt of benchmarks/real_photos.py)")
+    torch.set_num_threads(args.threads)
+    # every variant reads the same data: the originals with the 448 px source view (the runner's ts_* runs)
+    data = real_photos.build_datamodule(source, args.workers, **real_photos.SOURCE_DATA)
+    data.setup("test")
+    if args.limit:
+        data.datasets["test"].samples = data.datasets["test"].samples[: args.limit]
+    models = load_models(args.checkpoint, data, variants, source)
+    args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     parts, labels, gt = evaluate(models, data.test_dataloader(), args.oracle_padding)
     minutes = (time.perf_counter() - start) / 60
-    rows = {name: summarise(p, labels, gt) for name, p in parts.items()}
+    rows = {name: summarise(p, labels, gt, data.crop_size) for name, p in parts.items()}
     tag = args.checkpoint.parent.name + (f"_oraclepad{args.oracle_padding:g}" if args.oracle_padding else "")
-    (args.out / f"two_stage_eval_{tag}.json").write_text(json.dumps(dict(checkpoint=str(args.checkpoint), images=len(labels), rows=rows), indent=1))
+    (args.out / f"two_stage_eval_{tag}.json").write_text(json.dumps(dict(checkpoint=str(args.checkpoint), root=str(source.root), images=len(labels), rows=rows), indent=1))
     print(describe_machine(machine_info(torch.device("cpu"))))
     print(f"Command: python benchmarks/real_photos_two_stage.py {' '.join(argv if argv is not None else sys.argv[1:])}".strip())
-    print(f"{len(labels)} test photos, weights of {args.checkpoint}, {minutes:.1f} min\n")
+    print(f"{len(labels)} test photos of {source.root}, weights of {args.checkpoint}, {minutes:.1f} min\n")
     print("| variant | stage 1 | stage 2 | merged (mean prob) | merged (sum logits) | box mIoU | hit@0.5 | stage 2 on hits / misses | box area |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name, r in rows.items():

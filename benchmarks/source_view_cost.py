@@ -2,8 +2,8 @@
 
 Stage 2 can cut its crop from ``batch["source"]``, the same view as stage 1's at ``source_size``
 (uint8, :class:`data_modules.transforms.ViewWithSource`), instead of from the ``crop_size`` network
-input. On the real photos of ``../shared/realdata/CUB_200_2011_first25`` (originals, no resized cache)
-this measures, per image:
+input. On the real photos of ``--root`` (default ``../shared/realdata/CUB_200_2011_first25``,
+:mod:`benchmarks.real_data`; originals, no resized cache) this measures, per image:
 
 - loading: decode + training transform in one process, one thread (a loader worker's work), without
   and with the source view: the median over ``--repeats`` passes of the CPU time per image;
@@ -12,7 +12,10 @@ this measures, per image:
 - the crop: ``TwoStageClassifier.cut_crops`` for a batch (one ``roi_align``) from the view and from the
   source, CPU time per image.
 
+No weights are read (the crop's cost does not depend on them), so it takes ``--root`` alone.
+
     python benchmarks/source_view_cost.py --images 128 --source-size 448
+    python benchmarks/source_view_cost.py --root /data/CUB_200_2011
 """
 
 from __future__ import annotations
@@ -28,25 +31,24 @@ from pathlib import Path
 import cv2
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks import real_data  # noqa: E402
+from benchmarks.real_data import RealData  # noqa: E402
 from data_modules.dataset import FineGrainedDataset  # noqa: E402
 from data_modules.resumable import SeededTransform  # noqa: E402
 from data_modules.transforms import build_train_transform  # noqa: E402
 
-DATA_ROOT = Path(__file__).resolve().parents[2] / "shared" / "realdata" / "CUB_200_2011_first25"
+
+def samples(source: RealData, count: int):
+    """The first ``count`` training samples of ``source`` (all of its training photos, no validation split)."""
+    return source.datamodule(cache=None, val_fraction=0.0).splits.train[:count]
 
 
-def samples(count: int):
-    from data_modules.cub import CUB200DataModule
-
-    data = CUB200DataModule(root=str(DATA_ROOT), val_fraction=0.0)
-    return data.splits.train[:count]
-
-
-def loading_ms(items, resize: int, crop: int, source_size: int | None, repeats: int) -> float:
-    """Median CPU ms per image of decode + training transform (one thread)."""
-    dataset = FineGrainedDataset(DATA_ROOT, items, SeededTransform(build_train_transform(resize, crop, 0.5, source_size=source_size)))
+def loading_ms(root: Path, items, resize: int, crop: int, source_size: int | None, repeats: int) -> float:
+    """Median CPU ms per image of decode + training transform (one thread) of ``items`` under ``root``."""
+    dataset = FineGrainedDataset(root, items, SeededTransform(build_train_transform(resize, crop, 0.5, source_size=source_size)))
     times = []
     for r in range(repeats + 1):  # the first pass warms the page cache
         start = time.process_time()
@@ -103,14 +105,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--source-size", type=int, default=448)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
+    real_data.add_arguments(parser, weights=False)
     args = parser.parse_args(argv)
-    if not DATA_ROOT.is_dir():
-        raise SystemExit(f"needs the shared real photos at {DATA_ROOT}")
+    source = real_data.from_args(args).check(weights=False)
     torch.set_num_threads(1)
     cv2.setNumThreads(1)
-    items = samples(args.images)
-    plain = loading_ms(items, args.resize, args.crop, None, args.repeats)
-    with_source = loading_ms(items, args.resize, args.crop, args.source_size, args.repeats)
+    items = samples(source, args.images)
+    plain = loading_ms(source.root, items, args.resize, args.crop, None, args.repeats)
+    with_source = loading_ms(source.root, items, args.resize, args.crop, args.source_size, args.repeats)
     view_bytes = 3 * args.crop * args.crop * 4
     source_bytes = 3 * args.source_size * args.source_size
     h2d_view = copy_ms(torch.zeros(args.batch, 3, args.crop, args.crop), args.repeats)
@@ -119,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
     fmt = lambda v: "n/a (no GPU)" if v is None else f"{v / args.batch * 1000:.1f} us"  # noqa: E731
     print(f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load average {os.getloadavg()}; torch {torch.__version__}")
     print(f"Command: python benchmarks/source_view_cost.py {' '.join(argv if argv is not None else sys.argv[1:])}".strip())
-    print(f"{len(items)} real CUB photos (originals), train transform resize {args.resize} -> crop {args.crop}, source {args.source_size}\n")
+    print(f"{len(items)} CUB photos of {source.root} (originals), train transform resize {args.resize} -> crop {args.crop}, source {args.source_size}\n")
     print("| per image | view only | view + source | extra |")
     print("|---|---|---|---|")
     print(f"| decode + transform, CPU ms (1 thread) | {plain:.2f} | {with_source:.2f} | {with_source - plain:+.2f} ({with_source / plain - 1:+.0%}) |")

@@ -1,0 +1,128 @@
+"""The real-photo benchmarks on anyone's photos and weights (issue 20 §4): ``real_photos_two_stage.py``,
+``two_stage_cost.py`` and ``source_view_cost.py`` (``box_quality.py``: ``tests/test_box_quality.py``).
+
+- Each takes ``--root`` with the one default of :mod:`benchmarks.real_data`, and ``--weights``/``--mean``/``--std``
+  where it builds a pretrained model (``source_view_cost.py`` reads no weights).
+- A ``--root`` pointing nowhere exits naming the path.
+- Each runs on the generated CUB of ``tests/conftest.py`` with a random EfficientNet-Lite0 state dict as
+  ``--weights``, in seconds; ``real_photos_two_stage.py`` reads its checkpoint with ``weights_only=True`` and refuses
+  one that does not fit, naming the file.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # benchmarks/ is a folder of scripts, not an installed package
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import box_quality, real_data, real_photos, real_photos_two_stage, source_view_cost, two_stage_cost  # noqa: E402
+from test_checkpoint_trust import save_checkpoint  # noqa: E402
+
+torch.set_num_threads(1)
+WITH_WEIGHTS = {"box_quality": box_quality, "real_photos_two_stage": real_photos_two_stage, "two_stage_cost": two_stage_cost}
+SCRIPTS = {**WITH_WEIGHTS, "source_view_cost": source_view_cost}
+
+
+def help_text(module, capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(["--help"])
+    assert exit_info.value.code == 0
+    return capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", sorted(SCRIPTS))
+def test_every_script_takes_root_with_the_one_default(name, capsys):
+    text = help_text(SCRIPTS[name], capsys)
+    assert "--root ROOT" in text
+    assert "".join(str(real_data.DEFAULT_ROOT).split()) in "".join(text.split())  # argparse wraps long paths
+    if name in WITH_WEIGHTS:
+        assert "--weights WEIGHTS" in text and "--mean M M M" in text and "--std S S S" in text
+        assert "".join(str(real_data.DEFAULT_WEIGHTS).split()) in "".join(text.split())
+    else:  # no model with weights: an option that changed nothing would mislead
+        assert "--weights" not in text
+
+
+@pytest.mark.parametrize("name", sorted(SCRIPTS))
+def test_a_root_that_does_not_exist_is_named(name, tmp_path):
+    nowhere = tmp_path / "nowhere"
+    extra = ["--checkpoint", str(tmp_path / "none.ckpt")] if name == "real_photos_two_stage" else []
+    with pytest.raises(SystemExit, match=rf"--root {nowhere}"):
+        SCRIPTS[name].main(["--root", str(nowhere)] + extra)
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> Path:
+    """Anyone's EfficientNet-Lite0 weights: a random state dict under timm's names."""
+    path = tmp_path_factory.mktemp("weights") / "lite0.safetensors"
+    save_file(timm.create_model("efficientnet_lite0").state_dict(), path)
+    return path
+
+
+class Data:  # the class facts the runner takes from the DataModule: the generated CUB's 4 classes
+    num_classes = 4
+
+
+def runner_checkpoint(path: Path, cub_root: Path, weights: Path, **overrides) -> Path:
+    """The runner's ``ts_single`` model on these photos and weights (nothing trained), saved as a checkpoint."""
+    source = real_data.RealData(root=cub_root, weights=weights, **overrides)
+    run = real_photos.RUNS["ts_single"]
+    return save_checkpoint(path, real_photos.import_class(run.model_class)(**real_photos.model_kwargs(run, Data(), source)))
+
+
+def test_real_photos_two_stage_on_other_photos_and_weights(cub_root, weights, tmp_path, capsys):
+    (tmp_path / "ts_single").mkdir()
+    checkpoint = runner_checkpoint(tmp_path / "ts_single" / "best.ckpt", cub_root, weights)
+    out = tmp_path / "eval"
+    real_photos_two_stage.main(["--root", str(cub_root), "--weights", str(weights), "--checkpoint", str(checkpoint),
+                                "--limit", "4", "--workers", "0", "--out", str(out)])
+    result = json.loads((out / "two_stage_eval_ts_single.json").read_text())
+    assert result["root"] == str(cub_root) and result["images"] == 4
+    assert list(result["rows"]) == list(real_photos_two_stage.VARIANTS)
+    for name in ("ts_oracle_view", "ts_oracle_source"):  # the official box, scored against itself
+        assert result["rows"][name]["box_miou"] == pytest.approx(1.0) and result["rows"][name]["box_hit50"] == 1.0
+    assert f"4 test photos of {cub_root}" in capsys.readouterr().out
+
+
+class Pickled:  # an object only a full unpickler rebuilds (code, not tensors)
+    pass
+
+
+def test_real_photos_two_stage_refuses_checkpoints_that_do_not_fit(cub_root, weights, tmp_path):
+    args = ["--root", str(cub_root), "--weights", str(weights), "--limit", "2", "--workers", "0", "--out", str(tmp_path / "eval")]
+    # weights_only=True: a checkpoint that needs code to unpickle is refused
+    pickled = tmp_path / "pickled.ckpt"
+    torch.save({"state_dict": {}, "callback": Pickled()}, pickled)
+    with pytest.raises(SystemExit, match=rf"--checkpoint {pickled}: not a checkpoint torch.load\(weights_only=True\) can read"):
+        real_photos_two_stage.main(args + ["--checkpoint", str(pickled)])
+    # trained on inputs normalised otherwise than --mean/--std say
+    imagenet = runner_checkpoint(tmp_path / "imagenet.ckpt", cub_root, weights, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    with pytest.raises(SystemExit, match=rf"--checkpoint {imagenet} does not fit ts_features_view: .*input mean"):
+        real_photos_two_stage.main(args + ["--checkpoint", str(imagenet)])
+
+
+def test_two_stage_cost_on_other_photos_and_weights_with_a_cache_per_root(cub_root, weights, tmp_path, capsys):
+    cache = tmp_path / "cache"
+    two_stage_cost.main(["--root", str(cub_root), "--weights", str(weights), "--runs", "linear_best,ts_features_source", "--baseline", "linear_best",
+                         "--repeats", "1", "--batch-size", "2", "--cache", str(cache)])
+    text = capsys.readouterr().out
+    assert f"batch 2 test photos of {cub_root}" in text
+    assert "| linear_best | 0.768 | 1.00x |" in text  # EfficientNet-Lite0 at 224 px
+    assert "| ts_features_source | 1.536 | 2.00x |" in text  # stage 1 + stage 2 at 224 px, the box read from stage 1's maps
+    # linear_best reads the resized cache: written under --cache, in this root's own folder
+    assert [p.name for p in cache.iterdir()] == [real_data.RealData(root=cub_root).cache_dir(cache).name]
+
+
+def test_source_view_cost_on_other_photos(cub_root, capsys):
+    source_view_cost.main(["--root", str(cub_root), "--images", "4", "--repeats", "1", "--batch", "2", "--resize", "72", "--crop", "64", "--source-size", "128"])
+    text = capsys.readouterr().out
+    assert f"4 CUB photos of {cub_root} (originals)" in text
+    assert "| bytes to the device | 49,152 | 98,304 | 49,152 (+100%) |" in text  # float32 64 px view, uint8 128 px source

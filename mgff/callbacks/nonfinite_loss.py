@@ -38,8 +38,8 @@ class NonFiniteStateError(NonFiniteLossError):
 class StopOnNonFiniteLoss(L.Callback):
     """Raise :class:`NonFiniteLossError` after the first training step whose loss is not finite, and
     :class:`NonFiniteStateError` (a subclass) when, while fitting, a validation ends with a non-finite
-    ``val/loss``, ``val/loss_*`` term or checkpoint-monitored metric, or a validation or training epoch
-    ends with a non-finite parameter or buffer (BatchNorm statistics).
+    ``val/loss`` or checkpoint-monitored metric, or a validation or training epoch ends with a non-finite
+    parameter or buffer (BatchNorm statistics).
 
     The messages name the global step, the epoch, the loss terms (training: the module's
     ``last_loss_terms``, ``ce``, ``aux``, ...; validation: the logged ``val/loss_*``) and the first

@@ -141,13 +141,15 @@ RUNS.update({
     "linear_ls01": Run(CLASSIFIER, dict(head="linear", label_smoothing=0.1), "linear, head at 10x, label smoothing 0.1"),
 })
 # issue 20 §3: the residual MGFF head's recipe search (3 epochs, seed 0, chosen on val). The classifier role (the
-# base path and the fused classifier) stays at the linear head's 10x; what varies is the fresh fusion layers' lr.
+# linear head inside it) stays at the linear head's 10x; what varies is the lr of the fused path, its layers and its
+# zero-initialised classifier (one role, ``fusion``, since the fused classifier left the classifier role: at 10x it
+# learned on the fresh features faster than they became useful, BENCHMARKS.md).
 RESIDUAL = dict(head="mgff", fusion_residual=True)
 RUNS.update({
-    "mgff_res_head10x": Run(CLASSIFIER, dict(RESIDUAL), "residual MGFF, fusion layers and classifier at 10x (the linear head's recipe)"),
-    "mgff_res_fusion1x": Run(CLASSIFIER, dict(RESIDUAL, fusion_lr_scale=1.0), "residual MGFF, fusion layers at 1x, classifier at 10x"),
-    "mgff_res_fusion3x": Run(CLASSIFIER, dict(RESIDUAL, fusion_lr_scale=3.0), "residual MGFF, fusion layers at 3x, classifier at 10x"),
-    "mgff_res_fusion10x_warmup": Run(CLASSIFIER, dict(RESIDUAL, fusion_warmup_epochs=1.0), "residual MGFF, fusion layers at 10x after a 1-epoch warmup of their own, classifier at 10x"),
+    "mgff_res_head10x": Run(CLASSIFIER, dict(RESIDUAL), "residual MGFF, fused path and classifier at 10x (the linear head's recipe)"),
+    "mgff_res_fusion1x": Run(CLASSIFIER, dict(RESIDUAL, fusion_lr_scale=1.0), "residual MGFF, fused path at 1x, classifier at 10x"),
+    "mgff_res_fusion3x": Run(CLASSIFIER, dict(RESIDUAL, fusion_lr_scale=3.0), "residual MGFF, fused path at 3x, classifier at 10x"),
+    "mgff_res_fusion10x_warmup": Run(CLASSIFIER, dict(RESIDUAL, fusion_warmup_epochs=1.0), "residual MGFF, fused path at 10x after a 1-epoch warmup of its own, classifier at 10x"),
 })
 # issue 20 §3: the winners of the searches (BENCHMARKS.md "Real photos: fusion head" has the search table) and the
 # residual head's ablations at its recipe

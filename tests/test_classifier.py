@@ -76,7 +76,7 @@ def test_two_stage_with_a_shared_backbone_and_a_head_of_its_own_for_stage_two():
     # stage 2's CE reaches head2 and the one backbone; stage 1's head gets its own gradient
     assert model.head2.classifier.weight.grad.abs().sum() > 0 and model.head.classifier.weight.grad.abs().sum() > 0
     in_groups = {id(p): g["role"] for g in model.optimizer_param_groups() for p in g["params"]}
-    assert in_groups[id(model.head2.fusion_classifier.weight)] == "classifier" and in_groups[id(model.head2.align[0][0].weight)] == "fusion"
+    assert in_groups[id(model.head2.classifier.weight)] == "classifier" and in_groups[id(model.head2.fusion_classifier.weight)] == "fusion"
     assert all(id(p) in in_groups for p in model.parameters() if p.requires_grad)
     # stage 2 runs head2 on the shared backbone's maps of the crops
     crops = torch.randn(2, 3, 64, 64)

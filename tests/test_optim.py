@@ -63,7 +63,7 @@ def role_of(model, name: str) -> str:
     if name.startswith(("backbone.", "backbone2.")):
         return "backbone"
     head_part = name.split(".", 2)[1]
-    return "classifier" if head_part in ("norm", "classifier", "fusion_classifier") or name.startswith("cropper.") else "fusion"
+    return "classifier" if head_part in ("norm", "classifier") or name.startswith("cropper.") else "fusion"
 
 
 @pytest.mark.parametrize(

@@ -88,8 +88,7 @@ class FineGrainedClassifier(L.LightningModule):
         optimizer: ``sgd`` or ``adamw``.
         lr: learning rate of the backbone.
         head_lr_scale: the classifier's lr is ``lr * head_lr_scale`` (the linear head's norm + linear layer, the
-            residual MGFF head's base path and fused classifier), and the fusion layers' unless ``fusion_lr_scale``
-            is set. The three parameter roles (``backbone``, ``fusion``, ``classifier``) are defined in
+            same base path inside the residual MGFF head), and the fusion layers' unless ``fusion_lr_scale`` is set. The three parameter roles (``backbone``, ``fusion``, ``classifier``) are defined in
             :mod:`mgff.lit.optim`; every norm inside the fusion path is ``fusion``.
         fusion_lr_scale: the fusion layers' lr is ``lr * fusion_lr_scale`` (``None``: ``head_lr_scale``).
         momentum / nesterov: SGD momentum.

@@ -235,9 +235,11 @@ class MGFFHead(nn.Module):
         nn.init.zeros_(self.classifier.bias)
 
     def classifier_modules(self) -> list[nn.Module]:
-        """The modules that turn a pooled vector into logits (the optimiser's ``classifier`` group): the
-        base path's norm and classifier and the fused path's classifier (``residual``), else ``classifier``."""
-        return [self.norm, self.classifier, self.fusion_classifier] if self.residual else [self.classifier]
+        """The optimiser's ``classifier`` role (:mod:`mgff.lit.optim`): the base path's norm and classifier (the
+        linear head inside the residual head, trained as the linear head is), or the plain head's ``classifier``.
+        The fused path's ``fusion_classifier`` is not among them: it is the end of the residual branch and is
+        trained with the fusion layers (one lr for the whole branch)."""
+        return [self.norm, self.classifier] if self.residual else [self.classifier]
 
     def enhance(self, features: Sequence[Tensor], record: dict | None = None) -> list[Tensor]:
         """Steps 1-3: ``[(B, C_i, H_i, W_i)] -> [(B, dim, H, W)]`` on the coarsest grid ``H x W``.

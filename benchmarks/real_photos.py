@@ -163,6 +163,25 @@ RUNS.update({
     "mgff_best_no_gcn": Run(CLASSIFIER, dict(MGFF_BEST, use_gcn=False), "mgff_best without GCN/pooling (mean over nodes)"),
     "mgff_no_residual": Run(CLASSIFIER, dict(MGFF_BEST, fusion_residual=False), "the plain MGFF head (fused readout alone) at mgff_best's recipe"),
 })
+# issue 21 §1: the same with the head of issue 20 (mgff_best's recipe). Its equal-FLOPs side is 320 px too (2.06x the
+# FLOPs of a 224 px MGFF stage; the two-stage forward is 2.00x). _own_head gives stage 2 a head of its own on the
+# shared backbone (one of the candidates for why the head's single-stage gain reversed inside two-stage).
+TS_MGFF = dict(MGFF_BEST, crop_size=224, localization="features", crop_from="source")
+RUNS.update({
+    "ts_single_mgff": Run(CLASSIFIER, dict(MGFF_BEST), "single-stage residual MGFF, data as the two-stage runs", SOURCE_DATA),
+    "ts_single_mgff_equal_flops": Run(CLASSIFIER, dict(MGFF_BEST, img_size=320), "single-stage residual MGFF at 320 px (2.06x the FLOPs of 224)",
+                                      dict(SOURCE_DATA, resize_size=366, crop_size=320)),
+    "ts_features_source_mgff": Run(TWO_STAGE, dict(TS_MGFF), "two-stage, residual MGFF head shared by both stages, features box, crop from the 448 source", SOURCE_DATA),
+    "ts_features_source_mgff_own_head": Run(TWO_STAGE, dict(TS_MGFF, shared_head=False),
+                                            "two-stage, shared backbone, a residual MGFF head per stage, features box, crop from the 448 source", SOURCE_DATA),
+})
+# issue 21 §2: the second loss without the zoom: a random crop of the localiser's areas from the same 448 source view,
+# trained with its own CE; tested on the full view only (mgff.lit.TwoViewClassifier)
+RUNS["ts_single_two_views"] = Run("mgff.lit.TwoViewClassifier", dict(head="linear", crop_size=224, crop_from="source"),
+                                  "single-stage linear, trained on the full view + a random crop from the 448 source, tested on the full view", SOURCE_DATA)
+# issue 21 §3: single-stage at the paper's stage-1 side, for boxes from a model trained at 384 px
+RUNS["ts_single_384"] = Run(CLASSIFIER, dict(head="linear", img_size=384), "single-stage linear at 384 px (the paper's stage-1 side)",
+                            dict(SOURCE_DATA, resize_size=439, crop_size=384))
 DEFAULT_RUNS = ("linear", "mgff", "mgff_no_attention", "mgff_no_se", "mgff_no_gcn")
 
 

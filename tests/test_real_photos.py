@@ -37,13 +37,14 @@ def test_unknown_run_names_and_bad_seeds_are_refused():
 
 
 @needs_shared
-@pytest.mark.parametrize("name", ["linear", "mgff", "linear_best", "mgff_best"])
+@pytest.mark.parametrize("name", ["linear", "mgff", "linear_best", "mgff_best", "ts_single_two_views", "ts_features_source_mgff_own_head", "ts_single_384"])
 def test_runs_load_the_shared_weights_and_run_a_forward(name):
     run = real_photos.RUNS[name]
     model = real_photos.import_class(run.model_class)(**real_photos.model_kwargs(run, Data())).eval()
     assert model.backbone.feature_channels[-1] == 1280  # the pretrained conv_head/bn2 map is kept
     with torch.no_grad():
-        logits, _, _ = model.forward_outputs(torch.zeros(2, 3, 64, 64))
+        batch = {"source": torch.zeros(2, 3, 96, 96, dtype=torch.uint8)}
+        logits, _, _ = model.forward_outputs(torch.zeros(2, 3, 64, 64), batch)
     assert logits["main"].shape == (2, 25)
 
 

@@ -386,14 +386,14 @@ def report(results: dict[str, dict[int, dict]], maps: CachedMaps, recipe: Recipe
         f"weight decay {recipe.weight_decay:g}, cosine per step, batch {recipe.batch_size}, {recipe.epochs} epochs, seeds {','.join(map(str, seeds))}; "
         f"test top-1 of the best-val epoch. Total {total_s / 60:.1f} min.",
         "",
-        f"| head | seeds | test top-1 | per seed | vs {BASELINE} (pooled paired 95 %) | best val top-1 | best epoch | params | train s / seed (CPU) | what |",
+        f"| head | seeds | test top-1 | per seed | vs {BASELINE} (pooled paired 95 %) | best val top-1 | best epoch | params | train s / seed: CPU (wall) | what |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, by_seed in results.items():
         done = [r for r in by_seed.values() if "test_acc" in r]
         diverged = [str(s) for s, r in by_seed.items() if "diverged" in r]
         per_seed = " / ".join(f"{r['test_acc']:.3f}" for r in done) + (f" (diverged: seed {', '.join(diverged)})" if diverged else "")
-        cpu = f"{statistics.mean(r['cpu_s'] for r in done):.0f}" if done else "-"
+        cpu = f"{statistics.mean(r['cpu_s'] for r in done):.0f} ({statistics.mean(r['wall_s'] for r in done):.0f})" if done else "-"
         params = next(iter(by_seed.values()))["params"]
         lines.append(
             f"| {name} | {len(done)} | {mean_sd([r['test_acc'] for r in done])} | {per_seed} | {against_baseline(results, name)} | "

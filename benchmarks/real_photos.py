@@ -149,7 +149,8 @@ RUNS.update({
     "mgff_res_head10x": Run(CLASSIFIER, dict(RESIDUAL), "residual MGFF, fused path and classifier at 10x (the linear head's recipe)"),
     "mgff_res_fusion1x": Run(CLASSIFIER, dict(RESIDUAL, fusion_lr_scale=1.0), "residual MGFF, fused path at 1x, classifier at 10x"),
     "mgff_res_fusion3x": Run(CLASSIFIER, dict(RESIDUAL, fusion_lr_scale=3.0), "residual MGFF, fused path at 3x, classifier at 10x"),
-    "mgff_res_fusion10x_warmup": Run(CLASSIFIER, dict(RESIDUAL, fusion_warmup_epochs=1.0), "residual MGFF, fused path at 10x after a 1-epoch warmup of its own, classifier at 10x"),
+    "mgff_res_fusion1x_warmup": Run(CLASSIFIER, dict(RESIDUAL, fusion_lr_scale=1.0, fusion_warmup_epochs=1.0),
+                                    "residual MGFF, fused path at 1x after a 1-epoch warmup of its own, classifier at 10x"),
 })
 # issue 20 §3: the winners of the searches (BENCHMARKS.md "Real photos: fusion head" has the search table) and the
 # residual head's ablations at its recipe

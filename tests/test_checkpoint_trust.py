@@ -177,3 +177,13 @@ def test_a_fusion_checkpoint_from_before_the_residual_head_loads_as_the_plain_he
     linear_ckpt = torch.load(save_checkpoint(tmp_path / "linear.ckpt", FineGrainedClassifier(num_classes=3, class_names=NAMES, **TINY)), weights_only=True)
     del linear_ckpt["hyper_parameters"]["fusion_residual"]
     FineGrainedClassifier(num_classes=3, class_names=NAMES, **TINY).on_load_checkpoint(linear_ckpt)
+
+
+def test_a_stage1_checkpoint_whose_weights_do_not_fit_its_hyperparameters_is_named(tmp_path):
+    model = FineGrainedClassifier(num_classes=3, class_names=NAMES, **TINY)
+    path = save_checkpoint(tmp_path / "odd.ckpt", model)
+    checkpoint = torch.load(path, weights_only=True)
+    checkpoint["state_dict"]["head.classifier.weight"] = torch.zeros(7, 3)
+    torch.save(checkpoint, path)
+    with pytest.raises(ValueError, match=r"odd\.ckpt: its weights do not fit"):
+        TwoStageClassifier.from_stage1_checkpoint(path)

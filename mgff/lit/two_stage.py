@@ -175,7 +175,10 @@ class TwoStageClassifier(FineGrainedClassifier):
         kwargs.update(pretrained=False, localization="features")  # the checkpoint holds the weights
         kwargs.update(overrides)
         model = cls(**kwargs)
-        missing, _ = model.load_state_dict(checkpoint["state_dict"], strict=False)
+        try:
+            missing, _ = model.load_state_dict(checkpoint["state_dict"], strict=False)
+        except RuntimeError as err:  # shapes that do not fit the hyperparameters it carries
+            raise ValueError(f"{checkpoint_path}: its weights do not fit the model its hyperparameters describe: {err}") from None
         lost = [k for k in missing if k.startswith(("backbone.", "head.", "input_norm."))]
         if lost:
             raise ValueError(f"{checkpoint_path} lacks {len(lost)} stage-1 weights of this model, e.g. {lost[:3]}")

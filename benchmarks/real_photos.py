@@ -151,6 +151,11 @@ RUNS.update({
     "mgff_res_fusion3x": Run(CLASSIFIER, dict(RESIDUAL, fusion_lr_scale=3.0), "residual MGFF, fused path at 3x, classifier at 10x"),
     "mgff_res_fusion1x_warmup": Run(CLASSIFIER, dict(RESIDUAL, fusion_lr_scale=1.0, fusion_warmup_epochs=1.0),
                                     "residual MGFF, fused path at 1x after a 1-epoch warmup of its own, classifier at 10x"),
+    # the base path trained by its own CE, the fused path on the sum with the base held fixed (fusion_training)
+    "mgff_res_fusion1x_detached": Run(CLASSIFIER, dict(RESIDUAL, fusion_lr_scale=1.0, fusion_training="detached_base"),
+                                      "residual MGFF, fused path at 1x, base path trained on its own (detached_base)"),
+    "mgff_res_fusion3x_detached": Run(CLASSIFIER, dict(RESIDUAL, fusion_lr_scale=3.0, fusion_training="detached_base"),
+                                      "residual MGFF, fused path at 3x, base path trained on its own (detached_base)"),
 })
 # issue 20 §3: the winners of the searches (BENCHMARKS.md "Real photos: fusion head" has the search table) and the
 # residual head's ablations at its recipe

@@ -165,3 +165,70 @@ def test_crop_size_that_a_swin_cannot_take_is_named_at_construction():
 def test_stages_out_of_range_are_named():
     with pytest.raises(ValueError, match=r"model.init_args.stages = \[2, 3, 9\] does not fit backbone 'resnet10t'"):
         FineGrainedClassifier(num_classes=5, **{**TINY, "stages": [2, 3, 9]})
+
+
+# ----- fusion_training='detached_base': the residual head's base path trained as the linear head alone ------------
+
+
+def test_detached_base_trains_the_base_path_exactly_as_the_linear_head_alone():
+    torch.manual_seed(0)
+    mgff = FineGrainedClassifier(num_classes=5, head="mgff", fusion_training="detached_base", dropout=0.0, **TINY)
+    linear = FineGrainedClassifier(num_classes=5, head="linear", dropout=0.0, **TINY)
+    linear.backbone.load_state_dict(mgff.backbone.state_dict())
+    linear.head.norm.load_state_dict(mgff.head.norm.state_dict())
+    linear.head.classifier.load_state_dict(mgff.head.classifier.state_dict())
+    with torch.no_grad():  # a fused path that already says something, so that joint training would differ
+        mgff.head.fusion_classifier.weight.normal_(0, 0.5)
+    b = batch()
+    mgff.train(), linear.train()
+    logits, aux, _ = mgff.forward_outputs(b["image"], b)
+    assert set(logits) == {"main", "base"} and mgff.output_names == ("main", "base")
+    terms = mgff.loss_terms(logits, aux, b["label"])
+    assert set(terms) == {"ce", "ce_base", "aux"}
+    sum(terms.values()).backward()
+    ref_logits, ref_aux, _ = linear.forward_outputs(b["image"], b)
+    sum(linear.loss_terms(ref_logits, ref_aux, b["label"]).values()).backward()
+    torch.testing.assert_close(mgff.head.classifier.weight.grad, linear.head.classifier.weight.grad)
+    torch.testing.assert_close(mgff.head.norm.weight.grad, linear.head.norm.weight.grad)
+    assert mgff.head.fusion_classifier.weight.grad.abs().sum() > 0  # the fused path learns from the combined logits
+    # the values are those of joint training: only the gradients differ (train and eval mode alike)
+    joint = FineGrainedClassifier(num_classes=5, head="mgff", dropout=0.0, **TINY)
+    joint.load_state_dict(mgff.state_dict())
+    for mode in (True, False):
+        mgff.train(mode), joint.train(mode)
+        with torch.no_grad():
+            torch.testing.assert_close(mgff(b["image"]).logits, joint(b["image"]).logits)
+
+
+def test_joint_training_lets_the_combined_loss_reach_the_base_path():
+    torch.manual_seed(0)
+    model = FineGrainedClassifier(num_classes=5, head="mgff", dropout=0.0, **TINY)
+    assert model.output_names == ("main",)
+    b = batch()
+    logits, aux, _ = model.forward_outputs(b["image"], b)
+    model.loss_terms(logits, aux, b["label"])["ce"].backward()
+    assert model.head.classifier.weight.grad.abs().sum() > 0
+
+
+def test_detached_base_in_two_stage_and_two_view_models():
+    two_stage = TwoStageClassifier(num_classes=5, head="mgff", fusion_training="detached_base", **TINY, **TINY_CROPPER)
+    b = batch()
+    logits, aux, _ = two_stage.forward_outputs(b["image"], b)
+    assert {"stage1_base", "stage2_base"} <= set(logits) and {"stage1_base", "stage2_base"} <= set(two_stage.output_names)
+    assert {"ce1", "ce2", "ce1_base", "ce2_base"} <= set(two_stage.loss_terms(logits, aux, b["label"]))
+    from mgff.lit import TwoViewClassifier
+
+    two_view = TwoViewClassifier(num_classes=5, head="mgff", fusion_training="detached_base", crop_from="view", **TINY)
+    logits, aux, _ = two_view.forward_outputs(b["image"], b)
+    assert set(two_view.loss_terms(logits, aux, b["label"])) == {"ce", "ce_base", "ce_crop", "ce_crop_base", "aux"}
+    two_view.eval()
+    assert two_view.output_names == ("main", "base")
+
+
+def test_detached_base_needs_the_residual_head():
+    with pytest.raises(ValueError, match="fusion_training='detached_base'.*head='linear'"):
+        FineGrainedClassifier(num_classes=5, head="linear", fusion_training="detached_base", **TINY)
+    with pytest.raises(ValueError, match="fusion_residual=False"):
+        FineGrainedClassifier(num_classes=5, head="mgff", fusion_residual=False, fusion_training="detached_base", **TINY)
+    with pytest.raises(ValueError, match="fusion_training must be"):
+        FineGrainedClassifier(num_classes=5, fusion_training="boosted", **TINY)

@@ -72,6 +72,10 @@ class FineGrainedClassifier(L.LightningModule):
             zero-initialised classifier, each fusion step a residual (``mgff/models/fusion.py``); ``false`` is
             the plain head (the fused readout alone). Checkpoints saved before this option load as ``false``.
         fusion_layer_scale: initial scale of the residual head's attention, SE and GCN branches.
+        fusion_training: how the residual head's two paths are trained: ``joint`` (one cross-entropy on their
+            sum) or ``detached_base`` (the base path, the linear head inside, by its own cross-entropy ``ce_base``;
+            the fused path by the cross-entropy of the sum with the base path's logits held fixed; see
+            ``mgff/models/fusion.py``). ``detached_base`` also logs ``<split>/base_acc``, the base path alone.
         fusion_dim: width every stage is projected to.
         attention: spatial attention of the fusion head: ``mhsa`` (relative position), ``hilo``, ``acmix``.
         num_heads: heads of that attention.
@@ -110,7 +114,16 @@ class FineGrainedClassifier(L.LightningModule):
         compile: ``torch.compile`` the network's forward.
     """
 
-    output_names: tuple[str, ...] = ("main",)
+    @property
+    def trains_base_path(self) -> bool:
+        """The residual head's base path has a loss of its own (``fusion_training='detached_base'``)."""
+        return self.hparams.get("fusion_training", "joint") == "detached_base"
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        """The predictions that get a loss and metrics: ``main``, and ``base`` (the residual head's base path) when it
+        is trained on its own."""
+        return ("main", "base") if self.trains_base_path else ("main",)
 
     def __init__(
         self,
@@ -129,6 +142,7 @@ class FineGrainedClassifier(L.LightningModule):
         head: Literal["mgff", "linear"] = "mgff",
         fusion_residual: bool = True,
         fusion_layer_scale: float = 0.1,
+        fusion_training: Literal["joint", "detached_base"] = "joint",
         fusion_dim: int = 256,
         attention: Literal["mhsa", "hilo", "acmix"] = "mhsa",
         num_heads: int = 8,
@@ -170,6 +184,11 @@ class FineGrainedClassifier(L.LightningModule):
             raise ValueError(f"model.class_names has {len(class_names)} names for num_classes={num_classes}")
         if head not in ("mgff", "linear"):
             raise ValueError(f"model.head must be 'mgff' or 'linear', got {head!r}")
+        if fusion_training not in ("joint", "detached_base"):
+            raise ValueError(f"model.fusion_training must be 'joint' or 'detached_base', got {fusion_training!r}")
+        if fusion_training == "detached_base" and not (head == "mgff" and fusion_residual):
+            raise ValueError(f"model.fusion_training='detached_base' trains the residual MGFF head's base path: needs head='mgff' and "
+                             f"fusion_residual=true (got head={head!r}, fusion_residual={fusion_residual})")
         if optimizer not in ("sgd", "adamw"):
             raise ValueError(f"model.optimizer must be 'sgd' or 'adamw', got {optimizer!r}")
         self.save_hyperparameters()
@@ -239,6 +258,7 @@ class FineGrainedClassifier(L.LightningModule):
             align_last=hp.get("align_last", True),
             residual=hp.get("fusion_residual", False),
             layer_scale=hp.get("fusion_layer_scale", 0.1),
+            detach_base=hp.get("fusion_training", "joint") == "detached_base",
         )
 
     def classify(self, images: Tensor) -> HeadOutput:
@@ -260,11 +280,16 @@ class FineGrainedClassifier(L.LightningModule):
         """All predictions of one batch: ``({name: logits (B, C)}, aux_loss, extras)``; ``main`` is the final one.
         ``batch`` holds the rest of the batch for models that use more than the images (e.g. ``source``)."""
         out = self(images)
-        return {"main": out.logits}, out.aux_loss, {}
+        logits = {"main": out.logits}
+        if self.trains_base_path:
+            logits["base"] = out.base_logits
+        return logits, out.aux_loss, {}
 
     def loss_terms(self, logits: dict[str, Tensor], aux_loss: Tensor, labels: Tensor) -> dict[str, Tensor]:
         """The weighted terms that sum to the training loss."""
         terms = {"ce": F.cross_entropy(logits["main"], labels, label_smoothing=self.hparams.label_smoothing)}
+        if "base" in logits:
+            terms["ce_base"] = F.cross_entropy(logits["base"], labels, label_smoothing=self.hparams.label_smoothing)
         if self.hparams.aux_loss_weight:
             terms["aux"] = self.hparams.aux_loss_weight * aux_loss
         return terms

@@ -187,6 +187,8 @@ class TwoStageClassifier(FineGrainedClassifier):
     @property
     def output_names(self) -> tuple[str, ...]:
         names = ("main", "stage1", "stage2")
+        if self.trains_base_path:
+            names += ("stage1_base", "stage2_base")
         return names + ("cropper",) if self.hparams.get("cropper_trainable") else names
 
     def classify_crops(self, crops: Tensor):
@@ -307,6 +309,8 @@ class TwoStageClassifier(FineGrainedClassifier):
         else:
             merged = stage1.logits + stage2.logits
         logits = {"main": merged, "stage1": stage1.logits, "stage2": stage2.logits}
+        if self.trains_base_path:
+            logits.update(stage1_base=stage1.base_logits, stage2_base=stage2.base_logits)
         if crop.logits is not None:
             logits["cropper"] = crop.logits
         return logits, stage1.aux_loss + stage2.aux_loss, {"box": crop.boxes}
@@ -315,6 +319,8 @@ class TwoStageClassifier(FineGrainedClassifier):
         hp = self.hparams
         ce = lambda name: F.cross_entropy(logits[name], labels, label_smoothing=hp.label_smoothing)  # noqa: E731
         terms = {"ce1": ce("stage1"), "ce2": hp.stage2_loss_weight * ce("stage2")}
+        if "stage1_base" in logits:  # the residual heads' base paths, trained on their own (fusion_training)
+            terms.update(ce1_base=ce("stage1_base"), ce2_base=hp.stage2_loss_weight * ce("stage2_base"))
         if "cropper" in logits:
             terms["ce_cropper"] = hp.cropper_loss_weight * ce("cropper")
         if hp.aux_loss_weight:

@@ -62,7 +62,10 @@ class TwoViewClassifier(FineGrainedClassifier):
     def output_names(self) -> tuple[str, ...]:
         """``crop`` while training only (evaluation sees the full view): what every rank logs agrees with
         :meth:`forward_outputs`, also on a rank whose batch was all skipped images."""
-        return ("main", "crop") if self.training else ("main",)
+        names = ("main", "crop") if self.training else ("main",)
+        if self.trains_base_path:  # the residual head's base path, trained on its own (fusion_training)
+            names += tuple(f"{n}_base" if n != "main" else "base" for n in names)
+        return names
 
     def random_crops(self, images: Tensor, source: Tensor | None) -> Tensor:
         """``(B, 3, S, S)`` random crops of ``images (B, 3, H, W)`` (from ``source`` when ``crop_from='source'``), in the
@@ -78,16 +81,24 @@ class TwoViewClassifier(FineGrainedClassifier):
     def forward_outputs(self, images: Tensor, batch: dict[str, Any] | None = None) -> tuple[dict[str, Tensor], Tensor, dict[str, Tensor]]:
         """Training: ``{"main": full view, "crop": random crop}``; evaluation: ``{"main": full view}`` only."""
         out = self(images)
+        logits = {"main": out.logits} | ({"base": out.base_logits} if self.trains_base_path else {})
         if not self.training:
-            return {"main": out.logits}, out.aux_loss, {}
+            return logits, out.aux_loss, {}
         crop = self(self.random_crops(images, (batch or {}).get("source")))
-        return {"main": out.logits, "crop": crop.logits}, (out.aux_loss + crop.aux_loss) / 2, {}
+        logits["crop"] = crop.logits
+        if self.trains_base_path:
+            logits["crop_base"] = crop.base_logits
+        return logits, (out.aux_loss + crop.aux_loss) / 2, {}
 
     def loss_terms(self, logits: dict[str, Tensor], aux_loss: Tensor, labels: Tensor) -> dict[str, Tensor]:
         hp = self.hparams
         terms = {"ce": F.cross_entropy(logits["main"], labels, label_smoothing=hp.label_smoothing)}
+        if "base" in logits:
+            terms["ce_base"] = F.cross_entropy(logits["base"], labels, label_smoothing=hp.label_smoothing)
         if "crop" in logits:
             terms["ce_crop"] = hp.crop_loss_weight * F.cross_entropy(logits["crop"], labels, label_smoothing=hp.label_smoothing)
+        if "crop_base" in logits:
+            terms["ce_crop_base"] = hp.crop_loss_weight * F.cross_entropy(logits["crop_base"], labels, label_smoothing=hp.label_smoothing)
         if hp.aux_loss_weight:
             terms["aux"] = hp.aux_loss_weight * aux_loss
         return terms

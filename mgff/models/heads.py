@@ -25,11 +25,14 @@ class HeadOutput(NamedTuple):
             own weight.
         assignment: ``(B, N, K)`` soft assignment of the N graph nodes to K super-nodes, for
             visualisation; ``None`` for heads without pooling.
+        base_logits: ``(B, num_classes)`` of the residual MGFF head's base path alone (the linear head inside
+            it), for the LightningModule's ``ce_base`` term and ``<split>/base_acc``; ``None`` for other heads.
     """
 
     logits: Tensor
     aux_loss: Tensor
     assignment: Tensor | None = None
+    base_logits: Tensor | None = None
 
 
 class LinearHead(nn.Module):

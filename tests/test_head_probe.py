@@ -43,7 +43,7 @@ def test_every_head_over_two_seeds_with_the_maps_computed_once(tiny_inputs, cub_
     computed = []
     compute = head_probe.compute_maps
     monkeypatch.setattr(head_probe, "compute_maps", lambda model, data: computed.append(1) or compute(model, data))
-    first = head_probe.main(probe_args(cub_root, weights, tmp_path, "--epochs", "2", "--seeds", "0,1"))
+    first = head_probe.main(probe_args(cub_root, weights, tmp_path, "--heads", ",".join(head_probe.HEADS), "--epochs", "2", "--seeds", "0,1"))
     assert len(computed) == 1 and first["maps"]["source"] == "computed"
     # the generated CUB: 4 classes x 12 photos, half for training, of which 20 % (1 per class) for validation
     splits = {name: (s.num_images, s.views) for name, s in head_probe.load_or_compute_maps(real_data.RealData(cub_root, weights), tmp_path / "cache")[0].splits.items()}
@@ -61,6 +61,8 @@ def test_every_head_over_two_seeds_with_the_maps_computed_once(tiny_inputs, cub_
             assert len(result["val_acc"]) == 2 and result["best_epoch"] == 1 + result["val_acc"].index(max(result["val_acc"]))
             assert len(result["test_correct"]) == 24 and result["test_acc"] == pytest.approx(sum(result["test_correct"]) / 24, abs=1e-4)
     assert "| linear | 2 |" in table and "vs linear" in table and "maps" in table.lower()
+    # the control head reads the last map alone: its fused path has one align conv, not three
+    assert saved["results"]["fused_last_map"]["0"]["params"] < saved["results"]["multiscale_linear"]["0"]["params"]
     assert table.count("[") >= len(head_probe.HEADS) - 1  # every head but linear has its interval against linear
 
     # a second run reads the disk cache instead of computing

@@ -79,7 +79,7 @@ def test_tuned_variant_changes_only_the_recipe(parse):
     changed = {k for k in base if base[k] != tuned[k]}
     assert changed == {
         "backbone_kwargs", "stages", "stage_inputs", "fusion_dim", "align_last", "momentum", "head_lr_scale",
-        "warmup_epochs", "scheduler_interval", "cropper", "localize_size", "localization",
+        "fusion_lr_scale", "warmup_epochs", "scheduler_interval", "cropper", "localize_size", "localization",
     }
 
 

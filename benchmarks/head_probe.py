@@ -16,8 +16,9 @@ it, stages 2, 3, 4) computes the maps of every photo **once**, frozen (eval mode
   sample lists, the weights file's content, the input normalisation, the image size, the backbone and its
   stages: any changed input computes the maps again.
 
-Then every head of :data:`HEADS` is trained on the cached maps for ``--epochs`` (30) epochs per seed
-(``--seeds``, default 0-4; the seed sets the head's initialisation, the order and the flips): batch 64, one
+Then every head of ``--heads`` (:data:`HEADS`; by default the seven of :data:`DEFAULT_HEADS`) is trained on the
+cached maps for ``--epochs`` (30) epochs per seed (``--seeds``, default 0-4; the seed sets the head's
+initialisation, the order and the flips): batch 64, one
 optimiser (AdamW or SGD) over the head's two parameter roles of :mod:`mgff.lit.optim` (``fusion``: the MGFF
 layers, at ``--lr`` x ``--fusion-lr-scale``; ``classifier``: a head's ``classifier_modules()``, at ``--lr``),
 cosine decay per step, the loss of :meth:`FineGrainedClassifier.loss_terms` (cross-entropy + 0.1 x the head's
@@ -29,13 +30,17 @@ bootstrap interval of ``acc(head) - acc(linear)`` over the seeds' per-image corr
 
 What it tells: ``multiscale_linear`` (the residual head with attention, SE and GCN off: align convs + mean over
 positions of all scales, through the zero-initialised fused classifier) against ``linear`` says whether the
-earlier maps add anything a linear read-out can use; ``mgff`` and its ablations say what the fusion steps add
-on top. The evidence is EfficientNet-Lite0 at 224 px with a frozen backbone; fine-tuning can change it.
+earlier maps add anything a linear read-out can use, and the control ``fused_last_map`` (the same fused path on
+the last map alone) separates what the earlier scales add from what a second trained path does; ``mgff`` and its
+ablations say what the fusion steps add on top. The evidence is EfficientNet-Lite0 at 224 px with a frozen
+backbone; fine-tuning can change it, and Swin-B at 384 px is unmeasured.
 
-Cost (one thread, AMD EPYC): the maps of the 1,402 shared photos take about 1-2 minutes; training costs per
-image and epoch about 1.8 ms (``linear``, ``multiscale_linear``) to 11 ms (``mgff``, ``mgff_no_residual``), so
-the seven heads x 5 seeds x 30 epochs on the 562 training photos take about an hour on one core (``--heads``
-picks a subset: ``linear,multiscale_linear`` alone takes minutes). Run one probe at a time.
+Cost (one thread of a 2-core AMD EPYC, measured on the 1,402 shared photos: 600 training, 150 validation, 652
+test): the maps take 3 minutes once; then each seed of 30 epochs takes, in CPU seconds, 13 (``linear``), 42
+(``multiscale_linear``), 22 (``fused_last_map``), 85 (``mgff_no_attention``), 137 (``mgff_no_gcn``), 142
+(``mgff_no_residual``), 179 (``mgff_no_se``), 180 (``mgff``): the default seven heads x 5 seeds take 66 minutes,
+``--heads linear,multiscale_linear,fused_last_map`` 7. The fused heads' align convs, attention and GCN are what
+costs (about 0.6 GFLOP per image and training step for ``mgff``, compute-bound on one core). Run one probe at a time.
 
     OMP_NUM_THREADS=1 nice -n 5 python benchmarks/head_probe.py
     python benchmarks/head_probe.py --heads linear,multiscale_linear,mgff --epochs 30 --seeds 0,1,2,3,4 --out runs/head_probe

@@ -140,6 +140,12 @@ RUNS.update({
     "linear_head30x": Run(CLASSIFIER, dict(head="linear", head_lr_scale=30.0), "linear, lr 0.01, head at 30x"),
     "linear_ls01": Run(CLASSIFIER, dict(head="linear", label_smoothing=0.1), "linear, head at 10x, label smoothing 0.1"),
 })
+# the frozen-backbone probe (head_probe.py) scored 0.833 with the linear head, 10 points above every fine-tune at lr 0.01:
+# two more settings with a gentler backbone lr
+RUNS.update({
+    "linear_lr001": Run(CLASSIFIER, dict(head="linear", lr=0.001), "linear, backbone lr 0.001, head at 10x (0.01)"),
+    "linear_lr001_head100x": Run(CLASSIFIER, dict(head="linear", lr=0.001, head_lr_scale=100.0), "linear, backbone lr 0.001, head at 100x (0.1)"),
+})
 # issue 20 §3: the residual MGFF head's recipe search (3 epochs, seed 0, chosen on val). The classifier role (the
 # linear head inside it) stays at the linear head's 10x; what varies is the lr of the fused path, its layers and its
 # zero-initialised classifier (one role, ``fusion``, since the fused classifier left the classifier role: at 10x it

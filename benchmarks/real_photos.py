@@ -186,6 +186,10 @@ RUNS.update({
     "ts_features_source_mgff": Run(TWO_STAGE, dict(TS_MGFF), "two-stage, residual MGFF head shared by both stages, features box, crop from the 448 source", SOURCE_DATA),
     "ts_features_source_mgff_own_head": Run(TWO_STAGE, dict(TS_MGFF, shared_head=False),
                                             "two-stage, shared backbone, a residual MGFF head per stage, features box, crop from the 448 source", SOURCE_DATA),
+    # the other two candidates: the pooling loss counted once per stage (weight halved: the mean of the two stages'),
+    # and the fused path's lr with two CE terms on it (halved)
+    "ts_features_source_mgff_aux_half": Run(TWO_STAGE, dict(TS_MGFF, aux_loss_weight=0.05), "ts_features_source_mgff, aux weight 0.05 (the mean over the stages)", SOURCE_DATA),
+    "ts_features_source_mgff_fusion_half": Run(TWO_STAGE, dict(TS_MGFF, fusion_lr_scale=0.5), "ts_features_source_mgff, fused path at 0.5x", SOURCE_DATA),
 })
 # issue 21 §2: the second loss without the zoom: a random crop of the localiser's areas from the same 448 source view,
 # trained with its own CE; tested on the full view only (mgff.lit.TwoViewClassifier). The areas and shapes are those of

@@ -201,6 +201,11 @@ RUNS["ts_single_two_views"] = Run("mgff.lit.TwoViewClassifier", dict(head="linea
 # issue 21 §3: single-stage at the paper's stage-1 side, for boxes from a model trained at 384 px
 RUNS["ts_single_384"] = Run(CLASSIFIER, dict(head="linear", img_size=384), "single-stage linear at 384 px (the paper's stage-1 side)",
                             dict(SOURCE_DATA, resize_size=439, crop_size=384))
+# the same, its last map's energy kept correlated with the ImageNet weights' (mgff.lit.keep_localization): do its own
+# boxes stay near the frozen map's 0.816 at 384? (issue 21 §3)
+RUNS["ts_single_384_keep"] = Run(CLASSIFIER, dict(head="linear", img_size=384, keep_localization_weight=1.0),
+                                 "ts_single_384 keeping the ImageNet map's energy pattern (keep_localization_weight 1)",
+                                 dict(SOURCE_DATA, resize_size=439, crop_size=384))
 DEFAULT_RUNS = ("linear", "mgff", "mgff_no_attention", "mgff_no_se", "mgff_no_gcn")
 
 

@@ -19,13 +19,14 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from mgff.lit.checkpoint import class_order_map, plain_hyperparameters, resolve_model_class
+from mgff.lit.keep_localization import FrozenReference, energy_correlation_loss
 from mgff.metrics.parent_accuracy import ParentAccuracy
 from mgff.lit.optim import GroupRecipe, build_optimizer, group_lr_factors, head_parameter_roles, param_groups
 from mgff.models.backbone import TimmBackbone
 from mgff.models.fusion import MGFFHead
 from mgff.models.heads import HeadOutput, LinearHead
 from mgff.models.normalization import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, InputNormalization
-from mgff.models.pretrained import skip_pretrained_weights
+from mgff.models.pretrained import pretrained_weights_skipped, skip_pretrained_weights
 
 log = logging.getLogger("mgff")
 
@@ -89,6 +90,11 @@ class FineGrainedClassifier(L.LightningModule):
         dropout: dropout before the classifier.
         aux_loss_weight: weight of the pooling's auxiliary losses in the training loss.
         label_smoothing: cross-entropy label smoothing.
+        keep_localization_weight: weight of ``keep_loc``, ``1 -`` the correlation of the last map's activation energy
+            with that of the backbone's initial (pretrained) weights on the same training images
+            (:mod:`mgff.lit.keep_localization`): keeps the ``features`` localiser's boxes from the model's own maps
+            while it fine-tunes; a frozen reference copy of the backbone runs in training only (never saved).
+            ``0`` (the default): off. Not in the paper.
         optimizer: ``sgd`` or ``adamw``.
         lr: learning rate of the backbone.
         head_lr_scale: the classifier's lr is ``lr * head_lr_scale`` (the linear head's norm + linear layer, the
@@ -158,6 +164,7 @@ class FineGrainedClassifier(L.LightningModule):
         dropout: float = 0.1,
         aux_loss_weight: float = 0.1,
         label_smoothing: float = 0.0,
+        keep_localization_weight: float = 0.0,
         optimizer: Literal["sgd", "adamw"] = "sgd",
         lr: float = 2e-4,
         head_lr_scale: float = 1.0,
@@ -191,6 +198,8 @@ class FineGrainedClassifier(L.LightningModule):
                              f"fusion_residual=true (got head={head!r}, fusion_residual={fusion_residual})")
         if optimizer not in ("sgd", "adamw"):
             raise ValueError(f"model.optimizer must be 'sgd' or 'adamw', got {optimizer!r}")
+        if keep_localization_weight < 0:
+            raise ValueError(f"model.keep_localization_weight must be >= 0, got {keep_localization_weight}")
         self.save_hyperparameters()
         try:
             self.backbone = self.build_backbone()
@@ -204,6 +213,14 @@ class FineGrainedClassifier(L.LightningModule):
         if class_parents is not None and len(class_parents) != num_classes:
             raise ValueError(f"model.class_parents has {len(class_parents)} entries for num_classes={num_classes}")
         self._compiled_net = None
+        self._compiled_with_maps = None
+        # the backbone as built (its pretrained weights), the reference of keep_loc; none when built to load a checkpoint
+        self._localization_reference = None
+        if keep_localization_weight > 0 and not pretrained_weights_skipped():
+            if not pretrained:
+                log.warning("model.keep_localization_weight keeps the maps of the backbone's initial weights, and "
+                            "model.pretrained is false: the reference is a random initialisation")
+            self._localization_reference = FrozenReference(self.backbone)
         # keys "<split>_<output>" ("train" alone would shadow nn.Module.train)
         self.metrics = nn.ModuleDict(
             {f"{split}_{name}": accuracy_metrics(num_classes, class_parents) for split in ("train", "val", "test") for name in self.output_names}
@@ -276,14 +293,55 @@ class FineGrainedClassifier(L.LightningModule):
             return self._compiled_net(images)
         return self.classify(images)
 
+    def _classify_with_maps(self, images: Tensor) -> tuple[HeadOutput, list[Tensor]]:
+        images = self.input_norm(images)
+        if self.hparams.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        maps = self.backbone(images)
+        return self.head(maps), maps
+
+    def classify_with_maps(self, images: Tensor) -> tuple[HeadOutput, list[Tensor]]:
+        """:meth:`classify` that also returns the backbone's maps ``[(B, C_i, h_i, w_i), ...]``; the same computation."""
+        if self.hparams.compile:
+            if self._compiled_with_maps is None:
+                self._compiled_with_maps = torch.compile(self._classify_with_maps)
+            return self._compiled_with_maps(images)
+        return self._classify_with_maps(images)
+
+    @property
+    def keeps_localization(self) -> bool:
+        """Training adds the ``keep_loc`` term (``keep_localization_weight > 0``)."""
+        return self.hparams.get("keep_localization_weight", 0.0) > 0
+
+    def classify_for_step(self, images: Tensor) -> tuple[HeadOutput, dict[str, Tensor]]:
+        """``self(images)`` and the extras the step's loss needs: ``{"last_map": (B, C, h, w)}`` while training with
+        ``keep_localization_weight``, else ``{}``."""
+        if self.keeps_localization and self.training:
+            out, maps = self.classify_with_maps(images)
+            return out, {"last_map": maps[-1]}
+        return self(images), {}
+
+    def keep_localization_term(self, images: Tensor, last_map: Tensor) -> Tensor:
+        """``keep_localization_weight x`` :func:`~mgff.lit.keep_localization.energy_correlation_loss` of
+        ``last_map`` (the backbone's on ``images``) against the reference backbone's on the same ``images``."""
+        if self._localization_reference is None:
+            raise RuntimeError("model.keep_localization_weight compares the maps with the backbone's initial weights, and this "
+                               "model was built to load a checkpoint (load_from_checkpoint), without them: train it from its "
+                               "config (model.pretrained) instead")
+        images = self.input_norm(images)
+        if self.hparams.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        reference = self._localization_reference.last_map(images)
+        return self.hparams.keep_localization_weight * energy_correlation_loss(last_map, reference)
+
     def forward_outputs(self, images: Tensor, batch: dict[str, Any] | None = None) -> tuple[dict[str, Tensor], Tensor, dict[str, Tensor]]:
         """All predictions of one batch: ``({name: logits (B, C)}, aux_loss, extras)``; ``main`` is the final one.
         ``batch`` holds the rest of the batch for models that use more than the images (e.g. ``source``)."""
-        out = self(images)
+        out, extras = self.classify_for_step(images)
         logits = {"main": out.logits}
         if self.trains_base_path:
             logits["base"] = out.base_logits
-        return logits, out.aux_loss, {}
+        return logits, out.aux_loss, extras
 
     def loss_terms(self, logits: dict[str, Tensor], aux_loss: Tensor, labels: Tensor) -> dict[str, Tensor]:
         """The weighted terms that sum to the training loss."""
@@ -308,6 +366,8 @@ class FineGrainedClassifier(L.LightningModule):
                 self.log(f"{split}/loss", zero, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=0.0)
             placeholder = {name: torch.zeros(1, self.hparams.num_classes, device=self.device) for name in self.output_names}
             terms = self.loss_terms(placeholder, zero, torch.zeros(1, dtype=torch.long, device=self.device))
+            if split == "train" and self.keeps_localization:
+                terms["keep_loc"] = zero
             if len(terms) > 1:
                 for name in terms:
                     self.log(f"{split}/loss_{name}", zero, on_step=False, on_epoch=True, sync_dist=True, batch_size=0.0)
@@ -319,6 +379,8 @@ class FineGrainedClassifier(L.LightningModule):
         labels = batch["label"]
         logits, aux_loss, extras = self.forward_outputs(batch["image"], batch)
         terms = self.loss_terms(logits, aux_loss, labels)
+        if "last_map" in extras:  # training with keep_localization_weight
+            terms["keep_loc"] = self.keep_localization_term(batch["image"], extras.pop("last_map"))
         if split == "train":  # named by StopOnNonFiniteLoss when the loss is not finite
             self.last_loss_terms = {name: value.detach() for name, value in terms.items()}
         loss = torch.stack(list(terms.values())).sum()

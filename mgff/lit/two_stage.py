@@ -230,11 +230,7 @@ class TwoStageClassifier(FineGrainedClassifier):
         return self._stage1_with_maps(images)
 
     def _stage1_with_maps(self, images: Tensor) -> tuple[HeadOutput, list[Tensor]]:
-        images = self.input_norm(images)
-        if self.hparams.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        maps = self.backbone(images)
-        return self.head(maps), maps
+        return self._classify_with_maps(images)
 
     def localize(
         self,
@@ -296,11 +292,13 @@ class TwoStageClassifier(FineGrainedClassifier):
 
     def forward_outputs(self, images: Tensor, batch: dict[str, Any] | None = None) -> tuple[dict[str, Tensor], Tensor, dict[str, Tensor]]:
         batch = batch or {}
-        if self.feature_localizer is not None:
+        keep = self.keeps_localization and self.training
+        if self.feature_localizer is not None or keep:
             stage1_pair = self.stage1_with_maps(images)
             stage1 = stage1_pair[0]
         else:
             stage1_pair, stage1 = None, self(images)
+        extras = {"last_map": stage1_pair[1][-1]} if keep else {}  # keep_loc on stage 1's view
         crop = self.localize(images, batch.get("source"), batch.get("box"), stage1=stage1_pair)
         stage2 = self.classify_crops(crop.crops)
         if self.hparams.merge == "mean_prob":
@@ -313,7 +311,7 @@ class TwoStageClassifier(FineGrainedClassifier):
             logits.update(stage1_base=stage1.base_logits, stage2_base=stage2.base_logits)
         if crop.logits is not None:
             logits["cropper"] = crop.logits
-        return logits, stage1.aux_loss + stage2.aux_loss, {"box": crop.boxes}
+        return logits, stage1.aux_loss + stage2.aux_loss, {"box": crop.boxes, **extras}
 
     def loss_terms(self, logits: dict[str, Tensor], aux_loss: Tensor, labels: Tensor) -> dict[str, Tensor]:
         hp = self.hparams

@@ -80,15 +80,15 @@ class TwoViewClassifier(FineGrainedClassifier):
 
     def forward_outputs(self, images: Tensor, batch: dict[str, Any] | None = None) -> tuple[dict[str, Tensor], Tensor, dict[str, Tensor]]:
         """Training: ``{"main": full view, "crop": random crop}``; evaluation: ``{"main": full view}`` only."""
-        out = self(images)
+        out, extras = self.classify_for_step(images)  # keep_loc (if set) on the full view
         logits = {"main": out.logits} | ({"base": out.base_logits} if self.trains_base_path else {})
         if not self.training:
-            return logits, out.aux_loss, {}
+            return logits, out.aux_loss, extras
         crop = self(self.random_crops(images, (batch or {}).get("source")))
         logits["crop"] = crop.logits
         if self.trains_base_path:
             logits["crop_base"] = crop.base_logits
-        return logits, (out.aux_loss + crop.aux_loss) / 2, {}
+        return logits, (out.aux_loss + crop.aux_loss) / 2, extras
 
     def loss_terms(self, logits: dict[str, Tensor], aux_loss: Tensor, labels: Tensor) -> dict[str, Tensor]:
         hp = self.hparams

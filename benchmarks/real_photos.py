@@ -206,6 +206,9 @@ RUNS["ts_single_384"] = Run(CLASSIFIER, dict(head="linear", img_size=384), "sing
 RUNS["ts_single_384_keep"] = Run(CLASSIFIER, dict(head="linear", img_size=384, keep_localization_weight=1.0),
                                  "ts_single_384 keeping the ImageNet map's energy pattern (keep_localization_weight 1)",
                                  dict(SOURCE_DATA, resize_size=439, crop_size=384))
+RUNS["ts_single_384_keep3"] = Run(CLASSIFIER, dict(head="linear", img_size=384, keep_localization_weight=3.0),
+                                  "ts_single_384 keeping the ImageNet map's energy pattern (keep_localization_weight 3)",
+                                  dict(SOURCE_DATA, resize_size=439, crop_size=384))
 DEFAULT_RUNS = ("linear", "mgff", "mgff_no_attention", "mgff_no_se", "mgff_no_gcn")
 
 

@@ -10,7 +10,8 @@ epochs, optimiser and input normalisation unless its entry says otherwise. For e
   validation top-1 (``val/acc``); a non-finite loss or state stops the run (it is reported as diverged);
 - tests that checkpoint once on the official test photos (one predict pass),
 - writes ``<run dir>/best.ckpt``, ``test_predictions.csv`` (one row per test image: ``index,path,label,pred,
-  correct``), ``result.json`` (``test_acc``, ``best_val_acc``, minutes, training CPU-seconds per image...) and
+  correct``), ``result.json`` (``test_acc``, ``best_val_acc``, minutes, training CPU-seconds per image, a two-stage run's
+  ``test_metrics`` with each stage's top-1...) and
   the Lightning CSV logs,
 
 and finally writes ``<out>/results.md`` / ``results.csv`` (mean ± sd over seeds per run) and prints the table.
@@ -335,6 +336,9 @@ def train_and_test(
         train_ms_per_image=round(timing.ms_per_image, 1) if timing.ms_per_image else None,
         checkpoint=str(Path(best).relative_to(REPO_ROOT)) if Path(best).is_relative_to(REPO_ROOT) else best,
     )
+    if hasattr(model, "classify_crops"):  # two-stage: each stage's top-1 too (the merged one is test_acc above)
+        tested = trainer.test(model, datamodule=data, ckpt_path=best, verbose=False)[0]
+        result["test_metrics"] = {k: round(float(v), 4) for k, v in sorted(tested.items()) if k.endswith("acc")}
     if also_last:
         last = prediction_rows(trainer.predict(model, datamodule=data, ckpt_path=last_path))
         result["last_test_acc"] = round(float(np.mean([r["correct"] for r in last])), 4)

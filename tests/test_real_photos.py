@@ -149,3 +149,16 @@ def test_a_diverged_run_is_reported_not_tested(tiny_recipe, cub_root, tmp_path, 
     assert "test_acc" not in result and "non-finite" in result["diverged"]
     assert not list((out / "blow_up").glob("*.ckpt")) and not (out / "blow_up" / "test_predictions.csv").exists()
     assert "diverged: seed 0" in (out / "results.md").read_text()
+
+
+@pytest.mark.slow
+def test_a_two_stage_run_records_each_stages_top1(tiny_recipe, cub_root, tmp_path):
+    weights = tmp_path / "lite0.safetensors"
+    save_file(timm.create_model("efficientnet_lite0").state_dict(), weights)
+    out = tmp_path / "out"
+    real_photos.main(["--root", str(cub_root), "--weights", str(weights), "--runs", "ts_features_source", "--epochs", "1",
+                      "--seed", "0", "--out", str(out), "--cache", str(tmp_path / "cache")])
+    result = json.loads((out / "ts_features_source" / "result.json").read_text())
+    metrics = result["test_metrics"]
+    assert {"test/acc", "test/stage1_acc", "test/stage2_acc"} <= set(metrics)
+    assert metrics["test/acc"] == pytest.approx(result["test_acc"], abs=1e-4)  # the test pass and the predict pass agree

@@ -11,6 +11,20 @@ The term here keeps the *spatial pattern* of the last map's activation energy (i
 images. It uses class labels only (no boxes, as the paper: "此方法仅使用类标签"); the reference backbone is a frozen
 copy used in training alone, never saved and never run at inference, so the trained model localises with its own
 maps and no second network. Not in the paper: an mgff addition, off by default (``keep_localization_weight: 0``).
+
+Measured (same photos and recipe, 3 epochs at 384 px, seed 0; hit@0.5 of the model's own ``refined`` boxes at 384):
+
+============  ===========  ============  ==============
+weight        val (150)    test (652)    test top-1
+============  ===========  ============  ==============
+0 (off)       0.727        0.655         0.603
+1             0.793        0.773         0.614
+3 (chosen)    0.853        **0.811**     0.626
+frozen        0.847        0.816         -
+============  ===========  ============  ==============
+
+The weight was chosen on the validation boxes. One seed, EfficientNet-Lite0; Swin-B is unmeasured. It costs one more
+forward of the backbone per training step, without gradients (training CPU time per image 557-567 ms against 365).
 """
 
 from __future__ import annotations

@@ -172,7 +172,9 @@ class TwoStageClassifier(FineGrainedClassifier):
         checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
         hparams = with_legacy_defaults(plain_hyperparameters(checkpoint.get("hyper_parameters", {}), str(checkpoint_path)))
         kwargs = {k: v for k, v in hparams.items() if not k.startswith("_")}
-        kwargs.update(pretrained=False, localization="features")  # the checkpoint holds the weights
+        # the checkpoint holds the weights; a model for looking trains no keep_loc term (its reference, the initial
+        # backbone, is not in the checkpoint)
+        kwargs.update(pretrained=False, localization="features", keep_localization_weight=0.0)
         kwargs.update(overrides)
         model = cls(**kwargs)
         try:

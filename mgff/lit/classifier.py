@@ -278,12 +278,17 @@ class FineGrainedClassifier(L.LightningModule):
             detach_base=hp.get("fusion_training", "joint") == "detached_base",
         )
 
-    def classify(self, images: Tensor) -> HeadOutput:
-        """Backbone and head on ``images (B, 3, H, W)`` (in the data's normalisation) -> :class:`HeadOutput`
-        (logits ``(B, C)``)."""
+    def backbone_input(self, images: Tensor) -> Tensor:
+        """``images (B, 3, H, W)`` in the data's normalisation -> the backbone's normalisation (and memory format)."""
         images = self.input_norm(images)
         if self.hparams.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
+        return images
+
+    def classify(self, images: Tensor) -> HeadOutput:
+        """Backbone and head on ``images (B, 3, H, W)`` (in the data's normalisation) -> :class:`HeadOutput`
+        (logits ``(B, C)``)."""
+        images = self.backbone_input(images)
         return self.head(self.backbone(images))
 
     def forward(self, images: Tensor) -> HeadOutput:
@@ -294,9 +299,7 @@ class FineGrainedClassifier(L.LightningModule):
         return self.classify(images)
 
     def _classify_with_maps(self, images: Tensor) -> tuple[HeadOutput, list[Tensor]]:
-        images = self.input_norm(images)
-        if self.hparams.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
+        images = self.backbone_input(images)
         maps = self.backbone(images)
         return self.head(maps), maps
 
@@ -328,9 +331,7 @@ class FineGrainedClassifier(L.LightningModule):
             raise RuntimeError("model.keep_localization_weight compares the maps with the backbone's initial weights, and this "
                                "model was built to load a checkpoint (load_from_checkpoint), without them: train it from its "
                                "config (model.pretrained) instead")
-        images = self.input_norm(images)
-        if self.hparams.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
+        images = self.backbone_input(images)
         reference = self._localization_reference.last_map(images)
         return self.hparams.keep_localization_weight * energy_correlation_loss(last_map, reference)
 

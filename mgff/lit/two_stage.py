@@ -153,7 +153,6 @@ class TwoStageClassifier(FineGrainedClassifier):
                 raise ValueError("model.feature_response='attention' reads the MGFF head's global attention: needs head='mgff', "
                                  f"use_attention=true, attention='mhsa' (got head={hp.head!r}, use_attention={hp.use_attention}, "
                                  f"attention={hp.attention!r})")
-        self._compiled_stage1 = None
         self._warned_unused_source = False
         self.backbone2 = None if shared_classifier else self.build_backbone()
         stage2_backbone = self.backbone if self.backbone2 is None else self.backbone2
@@ -225,14 +224,7 @@ class TwoStageClassifier(FineGrainedClassifier):
     def stage1_with_maps(self, images: Tensor) -> tuple[HeadOutput, list[Tensor]]:
         """Stage 1 that also returns the backbone's maps ``[(B, C_i, h_i, w_i), ...]`` (what ``features`` reads);
         ``images (B, 3, H, W)`` in the data's normalisation. The same computation as ``self(images)``."""
-        if self.hparams.compile:
-            if self._compiled_stage1 is None:
-                self._compiled_stage1 = torch.compile(self._stage1_with_maps)
-            return self._compiled_stage1(images)
-        return self._stage1_with_maps(images)
-
-    def _stage1_with_maps(self, images: Tensor) -> tuple[HeadOutput, list[Tensor]]:
-        return self._classify_with_maps(images)
+        return self.classify_with_maps(images)
 
     def localize(
         self,

@@ -271,10 +271,11 @@ def save_figure(model: TwoStageClassifier, datamodule, path: str | Path, num_ima
     crop = model.localize(images, source, boxes=batch["box"])
     iou = paired_box_iou(crop.boxes, batch["box"].float())
     names = [datamodule.class_names[y].split(".")[-1].replace("_", " ") for y in batch["label"].tolist()]
-    frame = source if model.hparams.crop_from == "source" else images
+    frame_name = model.crop_frame(source)
+    frame = source if frame_name == "source" else images
     figure = localization_panel(
         images, crop.response, crop.boxes, crop.crops, batch["box"], titles=[f"{n}\nIoU {v:.2f}" for n, v in zip(names, iou.tolist())],
-        crop_titles=crop_titles(crop.boxes, images.shape[-2:], frame.shape[-2:], model.hparams.crop_from, crop.crops.shape[-1]),
+        crop_titles=crop_titles(crop.boxes, images.shape[-2:], frame.shape[-2:], frame_name, crop.crops.shape[-1]),
         mean=datamodule.mean, std=datamodule.std,
     )
     figure.suptitle(f"features localiser ({model.hparams.feature_response}, map at {model.hparams.localize_size or images.shape[-1]} px): "

@@ -97,7 +97,8 @@ def predict_folder(
         crop_size=crop_size,
         mean=record.get("mean", hparams.get("data_mean")) or (0.485, 0.456, 0.406),
         std=record.get("std", hparams.get("data_std")) or (0.229, 0.224, 0.225),
-        source_size=record.get("source_size") if hparams.get("crop_from") == "source" else None,
+        # the source view the model cut its crops from in training (crop_from auto/source with data.source_size)
+        source_size=record.get("source_size") if hparams.get("crop_from") in ("auto", "source") else None,
         batch_size=batch_size,
         num_workers=default_num_workers() if num_workers is None else num_workers,
     )

@@ -195,10 +195,15 @@ def test_features_localiser_map_boxes_and_crops_are_drawn(tmp_path, monkeypatch)
     assert callback.saved_paths == [tmp_path / "attention_maps" / "epoch_000.png"]
 
 
-def test_crop_titles_give_the_box_in_the_source_frame():
-    model = SimpleNamespace(hparams=SimpleNamespace(crop_from="source"))
+@pytest.mark.parametrize("crop_from", ["source", "auto"])
+def test_crop_titles_give_the_box_in_the_source_frame(crop_from):
+    model = SimpleNamespace(hparams=SimpleNamespace(crop_from=crop_from))
+    model.crop_frame = lambda source: TwoStageClassifier.crop_frame(model, source)
     boxes = torch.tensor([[0.0, 0.0, 32.0, 16.0]])
     titles = AttentionMapLogger._crop_titles(model, boxes, torch.zeros(1, 3, 64, 64), torch.zeros(1, 3, 256, 256), 64)
     assert titles == ["128 x 64 px of the source\n-> 64 px"]
-    model.hparams.crop_from = "view"
-    assert AttentionMapLogger._crop_titles(model, boxes, torch.zeros(1, 3, 64, 64), None, 64) == ["32 x 16 px of the view\n-> 64 px"]
+    view_titles = ["32 x 16 px of the view\n-> 64 px"]
+    if crop_from == "auto":  # no source in the batch: the view
+        assert AttentionMapLogger._crop_titles(model, boxes, torch.zeros(1, 3, 64, 64), None, 64) == view_titles
+    model.hparams.crop_from = "view"  # a source in the batch, not used
+    assert AttentionMapLogger._crop_titles(model, boxes, torch.zeros(1, 3, 64, 64), torch.zeros(1, 3, 256, 256), 64) == view_titles

@@ -270,3 +270,25 @@ def test_predict_folder_starts_no_more_loader_workers_than_usable_cpus(fitted, t
     photo(tmp_path / "photos" / "a.jpg", (80, 80), 0)
     predict_folder_main(["--ckpt_path", str(checkpoint_of(fitted)), "--images", str(tmp_path / "photos"), "--output", str(tmp_path / "p.csv")])
     assert built == [1] and len(list(csv.DictReader(open(tmp_path / "p.csv")))) == 1
+
+
+@pytest.mark.parametrize("crop_from, expected", [("auto", 128), ("source", 128), ("view", None)])
+def test_predict_folder_gives_the_source_view_to_a_model_that_crops_from_it(fitted, tmp_path, monkeypatch, crop_from, expected):
+    """A model trained with ``data.source_size`` and ``crop_from: auto`` (or ``source``) gets the same source view on
+    new photos; one that crops from the view does not."""
+    import mgff.predict_folder as predict_folder_module
+
+    checkpoint = torch.load(checkpoint_of(fitted), weights_only=True)
+    checkpoint["hyper_parameters"]["crop_from"] = crop_from
+    checkpoint[predict_folder_module.EVAL_TRANSFORM_KEY]["source_size"] = 128
+    ckpt = tmp_path / "with_source.ckpt"
+    torch.save(checkpoint, ckpt)
+    built = []
+    real = predict_folder_module.UnlabeledFolderDataModule
+    monkeypatch.setattr(predict_folder_module, "UnlabeledFolderDataModule", lambda *a, **kw: built.append(kw["source_size"]) or real(*a, **kw))
+    photo(tmp_path / "photos" / "a.jpg", (120, 90), 0)
+    out = tmp_path / "p.csv"
+    predict_folder_main(["--ckpt_path", str(ckpt), "--images", str(tmp_path / "photos"), "--output", str(out), "--num_workers", "0"])
+    assert built == [expected]
+    row = next(csv.DictReader(open(out)))
+    assert row["error"] == "" and 0 <= float(row["photo_box_x1"]) < float(row["photo_box_x2"]) <= 120

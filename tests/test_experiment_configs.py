@@ -81,6 +81,10 @@ def test_tuned_variant_changes_only_the_recipe(parse):
         "backbone_kwargs", "stages", "stage_inputs", "fusion_dim", "align_last", "momentum", "head_lr_scale",
         "fusion_lr_scale", "warmup_epochs", "scheduler_interval", "cropper", "localize_size", "localization",
     }
+    # stage 2 cuts its crop from a 2x source view (crop_from: auto, the default, uses the batch's source)
+    base_data, tuned_data = parse("cub", None)["data"]["init_args"], parse("cub", "tuned.yaml")["data"]["init_args"]
+    assert {k for k in base_data if base_data[k] != tuned_data[k]} == {"source_size"}
+    assert (base_data["source_size"], tuned_data["source_size"], tuned["crop_from"]) == (None, 768, "auto")
 
 
 # kind -> (variant, what the built model must show)
@@ -143,5 +147,8 @@ def test_each_kind_builds_with_a_tiny_backbone_and_runs(kind, cub_root, tmp_path
         assert model.backbone.feature_modules[-1] == "layers.3 + norm"
         assert isinstance(head.align[-1], torch.nn.Identity)
     batch = next(iter(cli.datamodule.train_dataloader()))
+    assert ("source" in batch) is (kind == "tuned")  # the tuned recipe crops from a source view (768 px here)
+    if expect["two_stage"]:
+        assert model.crop_frame(batch.get("source")) == ("source" if kind == "tuned" else "view")
     logits, aux, _ = model.forward_outputs(batch["image"], batch)
     assert logits["main"].shape == (2, 4) and torch.isfinite(logits["main"]).all() and torch.isfinite(aux)

@@ -53,8 +53,21 @@ def test_source_needed_and_checked():
         model.cut_crops(view, boxes)
     with pytest.raises(ValueError, match="does not match the images"):
         model.cut_crops(view, boxes, source[:1])
-    with pytest.raises(ValueError, match="model.crop_from must be 'view' or 'source'"):
+    with pytest.raises(ValueError, match=r"model.crop_from must be one of \('auto', 'view', 'source'\), got 'photo'"):
         TwoStageClassifier(num_classes=3, crop_from="photo", **TINY, **TINY_CROPPER)
+
+
+def test_auto_crops_from_the_source_where_the_batch_has_one():
+    """The default ``crop_from: auto`` is ``source`` with a source view in the batch and ``view`` without one."""
+    view, source = views()
+    boxes = torch.tensor([[8.0, 4.0, 40.0, 36.0], [20.0, 16.0, 60.0, 64.0]])
+    auto = TwoStageClassifier(num_classes=3, **TINY, **TINY_CROPPER)
+    assert auto.hparams.crop_from == "auto"
+    assert auto.crop_frame(source) == "source" and auto.crop_frame(None) == "view"
+    explicit = {c: TwoStageClassifier(num_classes=3, crop_from=c, **TINY, **TINY_CROPPER) for c in ("view", "source")}
+    torch.testing.assert_close(auto.cut_crops(view, boxes, source), explicit["source"].cut_crops(view, boxes, source))
+    torch.testing.assert_close(auto.cut_crops(view, boxes), explicit["view"].cut_crops(view, boxes))
+    assert not torch.allclose(auto.cut_crops(view, boxes, 255 - source), auto.cut_crops(view, boxes))
 
 
 def test_forward_uses_the_batch_source():

@@ -147,8 +147,9 @@ class AttentionMapLogger(Callback):
 
     @staticmethod
     def _crop_titles(pl_module: L.LightningModule, boxes: torch.Tensor, images: torch.Tensor, source: torch.Tensor | None, side: int) -> list[str]:
-        """The box of each crop in the frame it is cut from (the source view with ``crop_from='source'``)."""
-        from_source = source is not None and getattr(pl_module.hparams, "crop_from", "view") == "source"
+        """The box of each crop in the frame it is cut from (the source view where the model crops from it)."""
+        crop_frame = getattr(pl_module, "crop_frame", None)
+        from_source = source is not None and callable(crop_frame) and crop_frame(source) == "source"
         frame = source if from_source else images
         return crop_titles(boxes, images.shape[-2:], frame.shape[-2:], "source" if from_source else "view", side)
 

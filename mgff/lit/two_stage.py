@@ -31,6 +31,7 @@ log = logging.getLogger("mgff")
 
 VIT_LOCALIZATIONS = ("rollout", "column_sum")
 LOCALIZATIONS = VIT_LOCALIZATIONS + ("features", "ground_truth")
+CROP_FROM = ("auto", "view", "source")
 
 
 class TwoStageClassifier(FineGrainedClassifier):
@@ -47,9 +48,12 @@ class TwoStageClassifier(FineGrainedClassifier):
         cropper_kwargs: further timm arguments of the ViT (e.g. a tiny ``embed_dim``/``depth`` for tests).
         cropper_mean / cropper_std: the input normalisation the ViT's weights expect (``None``: its timm
             ``pretrained_cfg``, e.g. 0.5/0.5 for AugReg); the batch is converted to it from ``data_mean``/``data_std``.
-        crop_from: ``view``: stage 2's crop is cut from stage 1's input; ``source``: from ``batch["source"]``,
-            the same view at ``data.source_size`` (uint8), the box scaled to that frame (the paper cuts "from
-            the original image").
+        crop_from: ``auto`` (the default): from ``batch["source"]`` where the batch has one (``data.source_size``
+            set), else from stage 1's input; ``view``: always from stage 1's input; ``source``: always from
+            ``batch["source"]``, the same view at ``data.source_size`` (uint8), the box scaled to that frame (the
+            paper cuts "从原始图像中", from the original image), an error without one. On real photos the crop
+            from a 448 px source beat the crop from the 224 px view by +3.7 points in stage 2 and +2.0 merged
+            (BENCHMARKS.md, "Real photos: two-stage"), so a source, where the data config gives one, is used.
         localize_size: side the localiser sees: for the ViT, default its native size; for ``features``,
             ``None`` reads the maps of stage 1's own forward (free), a side re-runs the stage-1 backbone
             on the image resized to it for a finer map (cost ``(side / input side)^2`` of one stage).
@@ -88,7 +92,7 @@ class TwoStageClassifier(FineGrainedClassifier):
         cropper_kwargs: dict[str, Any] | None = None,
         cropper_mean: Sequence[float] | None = None,
         cropper_std: Sequence[float] | None = None,
-        crop_from: Literal["view", "source"] = "view",
+        crop_from: Literal["auto", "view", "source"] = "auto",
         localize_size: int | None = None,
         crop_size: int | None = None,
         localization: Literal["rollout", "column_sum", "features", "ground_truth"] = "features",
@@ -114,8 +118,8 @@ class TwoStageClassifier(FineGrainedClassifier):
             raise ValueError(f"model.localization must be one of {LOCALIZATIONS}, got {localization!r}")
         if cropper_trainable and localization not in VIT_LOCALIZATIONS:
             raise ValueError(f"model.cropper_trainable trains the ViT localiser; localization={localization!r} has none")
-        if crop_from not in ("view", "source"):
-            raise ValueError(f"model.crop_from must be 'view' or 'source', got {crop_from!r}")
+        if crop_from not in CROP_FROM:
+            raise ValueError(f"model.crop_from must be one of {CROP_FROM}, got {crop_from!r}")
         super().__init__(**kwargs)
         hp = self.hparams
         self.crop_size = crop_size or hp.img_size or 384
@@ -199,6 +203,14 @@ class TwoStageClassifier(FineGrainedClassifier):
         stage2_backbone = self.backbone if self.backbone2 is None else self.backbone2
         return self.head2(stage2_backbone(self.input_norm(crops)))
 
+    def crop_frame(self, source: Tensor | None) -> Literal["view", "source"]:
+        """Which frame stage 2's crop is cut from for a batch with (or without) ``source``: ``crop_from``, with
+        ``auto`` resolved to ``source`` where the batch has one."""
+        crop_from = self.hparams.crop_from
+        if crop_from == "auto":
+            return "view" if source is None else "source"
+        return crop_from
+
     def cut_crops(self, images: Tensor, boxes: Tensor, source: Tensor | None = None) -> Tensor:
         """Stage 2's input, in the data's normalisation: ``(B, 3, S, S)``, ``S = crop_size``.
 
@@ -206,10 +218,10 @@ class TwoStageClassifier(FineGrainedClassifier):
             images: ``(B, 3, H, W)`` stage 1's view, in the data's normalisation.
             boxes: ``(B, 4)`` xyxy in pixels of ``images``.
             source: ``(B, 3, H_s, W_s)`` uint8, the same view at a higher resolution (``batch["source"]``);
-                used when ``crop_from='source'``: the boxes are scaled to its frame and the crops cut from it
-                in one ``roi_align`` call.
+                used when ``crop_from`` is ``source`` or ``auto``: the boxes are scaled to its frame and the crops
+                cut from it in one ``roi_align`` call.
         """
-        if self.hparams.crop_from == "view":
+        if self.crop_frame(source) == "view":
             if source is not None and not self._warned_unused_source:
                 log.warning("the batch has a source view but model.crop_from='view': stage 2 crops from stage 1's view")
                 self._warned_unused_source = True
@@ -234,7 +246,7 @@ class TwoStageClassifier(FineGrainedClassifier):
         stage1: tuple[HeadOutput, list[Tensor]] | None = None,
     ) -> CropOutput:
         """The localiser alone: ``images (B, 3, H, W)`` (data normalisation) -> crops (data normalisation,
-        from ``source`` when ``crop_from='source'``), boxes in ``images`` pixels, response maps ``(B, H, W)``
+        from ``source`` when :meth:`crop_frame` says so), boxes in ``images`` pixels, response maps ``(B, H, W)``
         (and the trainable ViT's logits).
 
         Args:

@@ -50,8 +50,9 @@ class TwoStageClassifier(FineGrainedClassifier):
             ``pretrained_cfg``, e.g. 0.5/0.5 for AugReg); the batch is converted to it from ``data_mean``/``data_std``.
         crop_from: ``auto`` (the default): from ``batch["source"]`` where the batch has one (``data.source_size``
             set), else from stage 1's input; ``view``: always from stage 1's input; ``source``: always from
-            ``batch["source"]``, the same view at ``data.source_size`` (uint8), the box scaled to that frame (the
-            paper cuts "从原始图像中", from the original image), an error without one. On real photos the crop
+            ``batch["source"]``, the same view at ``data.source_size`` (uint8), the box scaled to that frame, an error
+            without one. The paper cuts the object "从原始图像中" (from the original image), the name it also gives
+            the network's input X, so its configs crop from the view; the source is an mgff addition. On real photos the crop
             from a 448 px source beat the crop from the 224 px view by +3.7 points in stage 2 and +2.0 merged
             (BENCHMARKS.md, "Real photos: two-stage"), so a source, where the data config gives one, is used.
         localize_size: side the localiser sees: for the ViT, default its native size; for ``features``,

@@ -10,9 +10,9 @@ import logging
 import os
 import re
 import sys
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
@@ -222,6 +222,22 @@ def own_error_of_union(message: str) -> str | None:
     return "; ".join(own) or None
 
 
+@contextmanager
+def process_group_closed_on_exit() -> Iterator[None]:
+    """Destroy the ``torch.distributed`` process group when the block ends, however it ends.
+
+    Lightning destroys the group at exit only for NCCL; a gloo group (DDP on CPU) left alive keeps its
+    C++ worker threads to interpreter teardown, where they abort the rank with "terminate called without
+    an active exception" (SIGABRT, exit -6) after the run has finished and written its results.
+    """
+    try:
+        yield
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
 def main(args: list[str] | None = None) -> None:
     """``python -m mgff fit|validate|test|predict --config ...``."""
-    MGFFCLI(args=args)
+    with process_group_closed_on_exit():
+        MGFFCLI(args=args)

@@ -24,7 +24,7 @@ from typing import Any, Optional
 
 from mgff.callbacks.nonfinite_loss import NonFiniteLossError
 from mgff.callbacks.preemption import TrainingPreempted
-from mgff.cli import MGFFCLI
+from mgff.cli import MGFFCLI, process_group_closed_on_exit
 
 
 class FitCLI(MGFFCLI):
@@ -88,4 +88,5 @@ def run(args: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    run()
+    with process_group_closed_on_exit():  # every rank runs this: a gloo group left alive aborts the exit
+        run()

@@ -17,6 +17,7 @@ import json
 import os
 import subprocess
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 import lightning as L
@@ -121,3 +122,27 @@ def test_ddp_test_predictions_merge_both_ranks_once(ddp_run):
     metrics = json.loads((version / "metrics.json").read_text())
     assert sum(int(r["correct"]) for r in rows) / 25 == pytest.approx(metrics["test/acc"], abs=1e-6)
     assert all(int(r["correct"]) == (r["pred"] == r["label"]) for r in rows)
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_process_group_closed_on_exit_destroys_the_group_also_on_error(tmp_path, fails):
+    """The entry points' guard: a gloo group left alive aborts the rank at interpreter exit (SIGABRT)."""
+    import torch.distributed as dist
+
+    from mgff.cli import process_group_closed_on_exit
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    assert dist.is_initialized()
+    try:
+        with pytest.raises(RuntimeError, match="inside") if fails else nullcontext():
+            with process_group_closed_on_exit():
+                dist.barrier()
+                if fails:
+                    raise RuntimeError("inside the run")
+    finally:
+        initialized = dist.is_initialized()
+        if initialized:  # keep the other tests' process clean whatever happened
+            dist.destroy_process_group()
+    assert not initialized
+    with process_group_closed_on_exit():  # no group: nothing to do, no error
+        pass

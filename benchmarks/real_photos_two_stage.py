@@ -20,6 +20,10 @@ The models are built as the runner builds its ``ts_*`` runs (:func:`benchmarks.r
 checkpoint trained with another backbone normalisation is refused, naming the file.
 
     nice -n 5 python benchmarks/real_photos_two_stage.py --checkpoint runs/real_photos_two_stage/ts_single/best.ckpt
+    python benchmarks/real_photos_two_stage.py --pool runs/seed{0,1,2}_eval/two_stage_eval_ts_features_source.pt
+
+``--pool`` evaluates nothing: it reads the ``.pt`` files earlier runs saved (one per seed, same test photos) and
+prints every variant's mean ± sd over them and the pooled paired intervals (:func:`mgff.stats.pooled_paired_bootstrap`).
     python benchmarks/real_photos_two_stage.py --root /data/CUB_200_2011 --weights my_lite0.safetensors \\
         --checkpoint runs/mine/ts_single/best.ckpt --out runs/mine/two_stage_eval
 """
@@ -41,7 +45,7 @@ if __package__ in (None, ""):
 from benchmarks import real_data, real_photos  # noqa: E402
 from benchmarks.measure import describe_machine, machine_info  # noqa: E402
 from benchmarks.real_data import RealData  # noqa: E402
-from mgff.stats import paired_bootstrap  # noqa: E402
+from mgff.stats import paired_bootstrap, pooled_paired_bootstrap  # noqa: E402
 
 VARIANTS = ("ts_features_view", "ts_features_source", "ts_oracle_view", "ts_oracle_source")
 KNOWN_VARIANTS = VARIANTS + ("ts_energy_source",)  # the features box with the `energy` response (the default before `refined`)
@@ -127,6 +131,57 @@ def summarise(parts: dict[str, torch.Tensor], labels: torch.Tensor, gt: torch.Te
     )
 
 
+PAIRS = (("ts_features_view", "ts_features_source"), ("ts_oracle_view", "ts_oracle_source"))
+
+
+def correct(parts: dict[str, torch.Tensor], labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per image ``(N,)`` bool: stage 1, stage 2 and the ``mean_prob`` merge right."""
+    return {"stage1": parts["stage1"].argmax(-1) == labels, "stage2": parts["stage2"].argmax(-1) == labels,
+            "merged": merged_logits(parts).argmax(-1) == labels}
+
+
+def pool(paths: list[Path]) -> str:
+    """Markdown: per variant (those every file has) mean ± sd over the saved evaluations ``paths`` (one per seed) of
+    stage 1, stage 2, the merge and hit@0.5; then the source - view differences pooled over the files (paired
+    bootstrap over the test images). Files that were not tested on the same photos are refused, naming them."""
+    runs = []
+    for path in paths:
+        if not path.is_file():
+            raise SystemExit(f"--pool {path}: no such file (the two_stage_eval_<run>.pt this script saves in --out)")
+        try:
+            runs.append(torch.load(path, map_location="cpu", weights_only=True))
+        except Exception as err:  # noqa: BLE001  (any unreadable file is named)
+            raise SystemExit(f"--pool {path}: not an evaluation this script saved ({type(err).__name__}: {err})") from None
+        if not {"labels", "gt", "parts"} <= set(runs[-1]):
+            raise SystemExit(f"--pool {path}: not an evaluation this script saved (keys {sorted(runs[-1])}, expected labels, gt, parts)")
+    for path, run in zip(paths[1:], runs[1:]):
+        if not torch.equal(run["labels"], runs[0]["labels"]):
+            raise SystemExit(f"--pool {path}: tested on other photos than {paths[0]} ({len(run['labels'])} vs {len(runs[0]['labels'])} labels, or another order)")
+    variants = [v for v in runs[0]["parts"] if all(v in run["parts"] for run in runs)]
+    labels, gt = runs[0]["labels"], runs[0]["gt"]
+    right = [{v: correct(run["parts"][v], labels) for v in variants} for run in runs]
+    lines = [f"{len(runs)} evaluations of the same {len(labels)} test photos: {', '.join(str(p) for p in paths)}", "",
+             "| variant | stage 1 | stage 2 | merged (mean prob) | hit@0.5 |", "|---|---|---|---|---|"]
+
+    def spread(values: list[float]) -> str:
+        t = torch.tensor(values, dtype=torch.float64)
+        return f"{t.mean():.3f} ± {t.std(unbiased=True) if len(values) > 1 else 0.0:.3f} ({' / '.join(f'{v:.3f}' for v in values)})"
+
+    for v in variants:
+        acc = {k: [float(r[v][k].float().mean()) for r in right] for k in ("stage1", "stage2", "merged")}
+        hits = [float((box_iou(run["parts"][v]["box"], gt).diagonal() >= 0.5).float().mean()) for run in runs]
+        lines.append(f"| {v} | {spread(acc['stage1'])} | {spread(acc['stage2'])} | {spread(acc['merged'])} | {spread(hits)} |")
+    lines += ["", "Pooled paired differences (bootstrap 95 % over the test photos, averaged over the evaluations):"]
+    for a, b in PAIRS:
+        if a in variants and b in variants:
+            text = []
+            for k in ("stage2", "merged"):
+                d, low, high = pooled_paired_bootstrap([(r[a][k].numpy(), r[b][k].numpy()) for r in right])
+                text.append(f"{k} {d:+.3f} [{low:+.3f}, {high:+.3f}]")
+            lines.append(f"- {b} - {a}: {', '.join(text)}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", type=Path, default=DEFAULT_OUT / "ts_single" / "best.ckpt")
@@ -136,8 +191,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--oracle-padding", type=float, default=0.0, help="grow the oracle's boxes by this share of their size per side")
     parser.add_argument("--limit", type=int, default=None, help="first N test images only (a quick check)")
     parser.add_argument("--workers", type=int, default=1, help="loader worker processes")
+    parser.add_argument("--pool", type=Path, nargs="+", default=None, metavar="EVAL_PT",
+                        help="evaluate nothing: pool saved two_stage_eval_<run>.pt files (one per seed) into mean ± sd and pooled paired intervals")
     real_data.add_arguments(parser)
     args = parser.parse_args(argv)
+    if args.pool:
+        print(pool(args.pool))
+        return
     variants = [v for v in args.variants.split(",") if v]
     unknown = [v for v in variants if v not in KNOWN_VARIANTS]
     if unknown:
@@ -167,12 +227,11 @@ def main(argv: list[str] | None = None) -> None:
     for name, r in rows.items():
         print(f"| {name} | {r['stage1']:.3f} | {r['stage2']:.3f} | {r['mean_prob']:.3f} | {r['sum_logits']:.3f} | {r['box_miou']:.3f} | "
               f"{r['box_hit50']:.3f} | {r['stage2_on_hits']:.3f} / {r['stage2_on_misses']:.3f} | {r['box_area']:.2f} |")
-    right = {name: {"stage1": p["stage1"].argmax(-1) == labels, "stage2": p["stage2"].argmax(-1) == labels,
-                    "merged": merged_logits(p).argmax(-1) == labels} for name, p in parts.items()}
+    right = {name: correct(p, labels) for name, p in parts.items()}
     print("\nPaired differences on the same test photos (bootstrap 95 % interval):")
     for name in right:
         print(f"- {name}: merged - stage 1 {interval(right[name]['stage1'], right[name]['merged'])}")
-    for a, b in (("ts_features_view", "ts_features_source"), ("ts_oracle_view", "ts_oracle_source")):
+    for a, b in PAIRS:
         if a in right and b in right:
             print(f"- {b} - {a}: stage 2 {interval(right[a]['stage2'], right[b]['stage2'])}, merged {interval(right[a]['merged'], right[b]['merged'])}")
     for a, b in (("ts_features_source", "ts_oracle_source"), ("ts_features_view", "ts_oracle_view"), ("ts_energy_source", "ts_features_source")):

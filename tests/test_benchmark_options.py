@@ -6,12 +6,14 @@
 - A ``--root`` pointing nowhere exits naming the path.
 - Each runs on the generated CUB of ``tests/conftest.py`` with a random EfficientNet-Lite0 state dict as
   ``--weights``, in seconds; ``real_photos_two_stage.py`` reads its checkpoint with ``weights_only=True`` and refuses
-  one that does not fit, naming the file.
+  one that does not fit, naming the file; ``--pool`` turns its saved evaluations (one per seed) into mean ± sd and
+  pooled paired intervals, and refuses files it cannot pair.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -89,7 +91,17 @@ def test_real_photos_two_stage_on_other_photos_and_weights(cub_root, weights, tm
     assert list(result["rows"]) == list(real_photos_two_stage.VARIANTS)
     for name in ("ts_oracle_view", "ts_oracle_source"):  # the official box, scored against itself
         assert result["rows"][name]["box_miou"] == pytest.approx(1.0) and result["rows"][name]["box_hit50"] == 1.0
-    assert f"4 test photos of {cub_root}" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"4 test photos of {cub_root}" in printed
+    # the saved evaluation is what --pool reads: twice the same file, so no spread, and the one run's differences
+    saved = str(out / "two_stage_eval_ts_single.pt")
+    real_photos_two_stage.main(["--pool", saved, saved])
+    text = capsys.readouterr().out
+    assert "2 evaluations of the same 4 test photos" in text and "| ts_oracle_source |" in text
+    rows = [line for line in text.splitlines() if line.startswith("| ts_")]
+    assert len(rows) == 4 and all(line.count("± 0.000") == 4 for line in rows)
+    one = re.search(r"- ts_features_source - ts_features_view: stage 2 (\S+ \[\S+, \S+\]), merged (\S+ \[\S+, \S+\])", printed)
+    assert f"- ts_features_source - ts_features_view: stage2 {one[1]}, merged {one[2]}" in text
 
 
 class Pickled:  # an object only a full unpickler rebuilds (code, not tensors)
@@ -126,3 +138,45 @@ def test_source_view_cost_on_other_photos(cub_root, capsys):
     text = capsys.readouterr().out
     assert f"4 CUB photos of {cub_root} (originals)" in text
     assert "| bytes to the device | 49,152 | 98,304 | 49,152 (+100%) |" in text  # float32 64 px view, uint8 128 px source
+
+
+def saved_evaluation(path: Path, labels: torch.Tensor, right: dict[str, int], boxes_hit: int = 0) -> Path:
+    """A ``two_stage_eval_*.pt`` as the script saves it: per variant, stage 1/2 logits right on the first
+    ``right[variant]`` photos (stage 1 always wrong) and boxes that hit the official one on the first ``boxes_hit``."""
+    n, classes = len(labels), 3
+    gt = torch.tensor([[10.0, 10.0, 50.0, 50.0]]).repeat(n, 1)
+    parts = {}
+    for name, k in right.items():
+        stage2 = torch.nn.functional.one_hot((labels + 1) % classes, classes).float()
+        stage2[:k] = torch.nn.functional.one_hot(labels[:k], classes).float() * 5
+        box = torch.tensor([[60.0, 60.0, 90.0, 90.0]]).repeat(n, 1)
+        box[:boxes_hit] = gt[:boxes_hit]
+        parts[name] = {"stage1": torch.nn.functional.one_hot((labels + 2) % classes, classes).float(), "stage2": stage2, "box": box}
+    torch.save({"labels": labels, "gt": gt, "parts": parts}, path)
+    return path
+
+
+def test_pool_gives_mean_sd_and_pooled_intervals_of_saved_evaluations(tmp_path):
+    labels = torch.arange(10) % 3
+    a = saved_evaluation(tmp_path / "a.pt", labels, {"ts_features_view": 3, "ts_features_source": 6}, boxes_hit=5)
+    b = saved_evaluation(tmp_path / "b.pt", labels, {"ts_features_view": 4, "ts_features_source": 8}, boxes_hit=7)
+    text = real_photos_two_stage.pool([a, b])
+    # stage 2 of the source variant: 0.6 and 0.8; a merge with a confidently right stage 2 is right
+    assert "| ts_features_source | 0.000 ± 0.000 (0.000 / 0.000) | 0.700 ± 0.141 (0.600 / 0.800) | 0.700 ± 0.141 (0.600 / 0.800) | 0.600 ± 0.141 (0.500 / 0.700) |" in text
+    # ((0.6 - 0.3) + (0.8 - 0.4)) / 2 = 0.35; the view's right photos are a subset of the source's: never below 0
+    line = next(l for l in text.splitlines() if l.startswith("- ts_features_source - ts_features_view"))
+    d, low, high = (float(x) for x in re.search(r"stage2 (\S+) \[(\S+), (\S+)\]", line).groups())
+    assert d == pytest.approx(0.35) and 0.0 <= low < 0.35 < high <= 0.7
+
+
+def test_pool_refuses_files_it_cannot_pair(tmp_path):
+    a = saved_evaluation(tmp_path / "a.pt", torch.arange(10) % 3, {"ts_features_view": 3})
+    other = saved_evaluation(tmp_path / "other.pt", torch.arange(8) % 3, {"ts_features_view": 3})
+    with pytest.raises(SystemExit, match=rf"--pool {other}: tested on other photos than {a}"):
+        real_photos_two_stage.pool([a, other])
+    with pytest.raises(SystemExit, match=rf"--pool {tmp_path / 'none.pt'}: no such file"):
+        real_photos_two_stage.pool([a, tmp_path / "none.pt"])
+    wrong = tmp_path / "wrong.pt"
+    torch.save({"state_dict": {}}, wrong)
+    with pytest.raises(SystemExit, match=rf"--pool {wrong}: not an evaluation this script saved"):
+        real_photos_two_stage.pool([a, wrong])

@@ -20,12 +20,12 @@ The models are built as the runner builds its ``ts_*`` runs (:func:`benchmarks.r
 checkpoint trained with another backbone normalisation is refused, naming the file.
 
     nice -n 5 python benchmarks/real_photos_two_stage.py --checkpoint runs/real_photos_two_stage/ts_single/best.ckpt
+    python benchmarks/real_photos_two_stage.py --root /data/CUB_200_2011 --weights my_lite0.safetensors \\
+        --checkpoint runs/mine/ts_single/best.ckpt --out runs/mine/two_stage_eval
     python benchmarks/real_photos_two_stage.py --pool runs/seed{0,1,2}_eval/two_stage_eval_ts_features_source.pt
 
 ``--pool`` evaluates nothing: it reads the ``.pt`` files earlier runs saved (one per seed, same test photos) and
 prints every variant's mean ± sd over them and the pooled paired intervals (:func:`mgff.stats.pooled_paired_bootstrap`).
-    python benchmarks/real_photos_two_stage.py --root /data/CUB_200_2011 --weights my_lite0.safetensors \\
-        --checkpoint runs/mine/ts_single/best.ckpt --out runs/mine/two_stage_eval
 """
 
 from __future__ import annotations
@@ -159,18 +159,16 @@ def pool(paths: list[Path]) -> str:
             raise SystemExit(f"--pool {path}: tested on other photos than {paths[0]} ({len(run['labels'])} vs {len(runs[0]['labels'])} labels, or another order)")
     variants = [v for v in runs[0]["parts"] if all(v in run["parts"] for run in runs)]
     labels, gt = runs[0]["labels"], runs[0]["gt"]
+    rows = [{v: summarise(run["parts"][v], labels, gt) for v in variants} for run in runs]
     right = [{v: correct(run["parts"][v], labels) for v in variants} for run in runs]
     lines = [f"{len(runs)} evaluations of the same {len(labels)} test photos: {', '.join(str(p) for p in paths)}", "",
              "| variant | stage 1 | stage 2 | merged (mean prob) | hit@0.5 |", "|---|---|---|---|---|"]
-
-    def spread(values: list[float]) -> str:
-        t = torch.tensor(values, dtype=torch.float64)
-        return f"{t.mean():.3f} ± {t.std(unbiased=True) if len(values) > 1 else 0.0:.3f} ({' / '.join(f'{v:.3f}' for v in values)})"
-
     for v in variants:
-        acc = {k: [float(r[v][k].float().mean()) for r in right] for k in ("stage1", "stage2", "merged")}
-        hits = [float((box_iou(run["parts"][v]["box"], gt).diagonal() >= 0.5).float().mean()) for run in runs]
-        lines.append(f"| {v} | {spread(acc['stage1'])} | {spread(acc['stage2'])} | {spread(acc['merged'])} | {spread(hits)} |")
+        cells = []
+        for key in ("stage1", "stage2", "mean_prob", "box_hit50"):
+            values = [r[v][key] for r in rows]
+            cells.append(f"{real_photos.mean_sd(values)} ({' / '.join(f'{x:.3f}' for x in values)})")
+        lines.append(f"| {v} | {' | '.join(cells)} |")
     lines += ["", "Pooled paired differences (bootstrap 95 % over the test photos, averaged over the evaluations):"]
     for a, b in PAIRS:
         if a in variants and b in variants:

@@ -25,7 +25,7 @@ from data_modules.errors import DatasetNotFoundError
 from data_modules.image_io import DEFAULT_MAX_IMAGE_PIXELS
 from data_modules.resumable import SeededTransform, split_loader
 from data_modules.samples import Sample, check_images_exist
-from data_modules.transforms import IMAGENET_MEAN, IMAGENET_STD, apply_transform, build_eval_transform, build_train_transform
+from data_modules.transforms import IMAGENET_MEAN, IMAGENET_STD, apply_transform, build_eval_transform, build_train_transform, check_augmentations
 
 log = logging.getLogger("mgff")
 
@@ -79,6 +79,18 @@ class FineGrainedDataModule(L.LightningDataModule):
         resize_size: side of the square resize before cropping (paper: 512).
         crop_size: side of the random (train) / centre (eval) crop (paper: 384).
         hflip: probability of a horizontal flip in training.
+        random_resized_crop_scale: ``[lo, hi]`` with ``0 < lo <= hi <= 1``: in training, replace the random
+            ``crop_size`` crop of the resized image by a random resized crop: a region covering ``lo..hi``
+            of the resized (``resize_size`` square) image's area, aspect ratio (width / height) 3/4..4/3,
+            resized to ``crop_size``. ``None`` (default): the paper's random crop, unchanged.
+        color_jitter: strength ``s >= 0`` (unitless) of a training colour jitter, applied to 80% of the
+            images: brightness, contrast and saturation factors drawn from ``[max(0, 1 - s), 1 + s]`` and
+            a hue shift up to ``min(s / 4, 0.1)`` of the colour wheel, in random order (e.g. 0.4).
+            ``0`` (default): off. Evaluation images are never jittered.
+        trivial_augment: in training, apply one TrivialAugment-Wide op per image after the crop and flip
+            (shear, translate, rotate, colour, contrast, posterize...;
+            :func:`~data_modules.transforms.trivial_augment_ops`; boxes follow the geometric ones).
+            ``False`` (default): off.
         val_fraction: share of every class of train held out for validation (when the dataset has no
             official validation split).
         val_on_test: validate on the test split instead (only when a config asks for it).
@@ -128,6 +140,9 @@ class FineGrainedDataModule(L.LightningDataModule):
         cache_size: int = 512,
         source_size: int | None = None,
         max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+        random_resized_crop_scale: tuple[float, float] | None = None,
+        color_jitter: float = 0.0,
+        trivial_augment: bool = False,
     ) -> None:
         super().__init__()
         if crop_size > resize_size:
@@ -144,12 +159,16 @@ class FineGrainedDataModule(L.LightningDataModule):
             raise ValueError(f"data.source_size ({source_size}) must be at least data.crop_size ({crop_size}): it is the same view at a higher resolution")
         if cache_size < 1:
             raise ValueError(f"cache_size must be a positive number of pixels, got {cache_size}")
+        rrc_scale = check_augmentations(random_resized_crop_scale, color_jitter, trivial_augment, prefix="data.")
         self.root = Path(root).expanduser() if root is not None else None
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.resize_size = resize_size
         self.crop_size = crop_size
         self.hflip = hflip
+        self.random_resized_crop_scale = rrc_scale
+        self.color_jitter = float(color_jitter)
+        self.trivial_augment = trivial_augment
         self.val_fraction = val_fraction
         self.val_on_test = val_on_test
         self.split_seed = split_seed
@@ -251,7 +270,19 @@ class FineGrainedDataModule(L.LightningDataModule):
         if self.check_images and not self.datasets:
             check_images_exist(root, samples["train"] + samples["val"] + samples["test"])
         # seeded per item by the training loader: augmentations that a resumed run replays exactly
-        train_tf = SeededTransform(build_train_transform(self.resize_size, self.crop_size, self.hflip, self.mean, self.std, self.source_size))
+        train_tf = SeededTransform(
+            build_train_transform(
+                self.resize_size,
+                self.crop_size,
+                self.hflip,
+                self.mean,
+                self.std,
+                self.source_size,
+                random_resized_crop_scale=self.random_resized_crop_scale,
+                color_jitter=self.color_jitter,
+                trivial_augment=self.trivial_augment,
+            )
+        )
         eval_tf = partial(apply_transform, build_eval_transform(self.resize_size, self.crop_size, self.mean, self.std, self.source_size))
         if self.source_size is not None and self.cache_dir is not None and self.cache_size * self.crop_size < self.source_size * self.resize_size:
             log.warning("data.cache_size (%s) holds less detail than data.source_size (%s) asks for: the source view is upsampled", self.cache_size, self.source_size)

@@ -4,6 +4,13 @@ Train: resize to ``resize_size`` (square, as the paper), random crop ``crop_size
 normalise. Eval: resize, centre crop, normalise. Boxes ``(x1, y1, x2, y2)`` in pixels travel through
 the same geometry (pascal_voc format) so the batch's ground-truth box matches the tensor.
 
+Named training augmentations, all off by default (off, the pipeline and its random draws are exactly
+the paper's above): ``random_resized_crop_scale`` replaces the random crop by a random resized crop of
+the resized image, ``trivial_augment`` adds one TrivialAugment-Wide op per image after the flip, and
+``color_jitter`` a colour jitter after that (:func:`build_train_transform`). Every geometric op moves the
+box with the image, and with a ``source_size`` they all run at the source's scale, before the view is
+derived from it.
+
 With a ``source_size`` the pipeline also returns the *same view* at a higher resolution, as uint8: the
 paper cuts the object "从原图中" (from the original image) for its second stage, and a crop cut from the
 ``crop_size`` network input holds no more detail than that input. The geometry (resize, crop, flip) runs
@@ -14,7 +21,9 @@ frames show exactly the same region with the same flip, and a box maps between t
 
 from __future__ import annotations
 
-from typing import Sequence
+import math
+import numbers
+from typing import Any, Sequence
 
 import albumentations as A
 import cv2
@@ -24,6 +33,8 @@ from albumentations.pytorch import ToTensorV2
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+RRC_RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's aspect-ratio range (width / height), as torchvision's
+COLOR_JITTER_P = 0.8  # probability that an image is colour-jittered when ``color_jitter > 0``
 
 
 def _bbox_params() -> A.BboxParams:
@@ -39,6 +50,31 @@ def _check_sizes(resize_size: int, crop_size: int, source_size: int | None) -> N
         raise ValueError(f"source_size {source_size} must be at least crop_size {crop_size} (it is the same view at a higher resolution)")
 
 
+def check_augmentations(
+    random_resized_crop_scale: Sequence[float] | None = None,
+    color_jitter: float = 0.0,
+    trivial_augment: bool = False,
+    prefix: str = "",
+) -> tuple[float, float] | None:
+    """Refuse bad augmentation arguments with an error naming the argument (``prefix`` + its name) and
+    the range it must lie in; return ``random_resized_crop_scale`` as a ``(lo, hi)`` float pair (or ``None``)."""
+    scale = None
+    if random_resized_crop_scale is not None:
+        name = f"{prefix}random_resized_crop_scale"
+        try:
+            lo, hi = (float(v) for v in random_resized_crop_scale)
+        except (TypeError, ValueError):
+            raise ValueError(f"{name} must be a pair [lo, hi] of area fractions with 0 < lo <= hi <= 1, or null; got {random_resized_crop_scale!r}") from None
+        if not 0.0 < lo <= hi <= 1.0:
+            raise ValueError(f"{name} must satisfy 0 < lo <= hi <= 1 (fractions of the resized image's area), got [{lo}, {hi}]")
+        scale = (lo, hi)
+    if isinstance(color_jitter, bool) or not isinstance(color_jitter, numbers.Real) or not (math.isfinite(color_jitter) and color_jitter >= 0):
+        raise ValueError(f"{prefix}color_jitter must be a finite number >= 0 (0 = off), got {color_jitter!r}")
+    if not isinstance(trivial_augment, bool):
+        raise ValueError(f"{prefix}trivial_augment must be true or false, got {trivial_augment!r}")
+    return scale
+
+
 def build_train_transform(
     resize_size: int = 512,
     crop_size: int = 384,
@@ -46,13 +82,29 @@ def build_train_transform(
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
     source_size: int | None = None,
+    *,
+    random_resized_crop_scale: Sequence[float] | None = None,
+    color_jitter: float = 0.0,
+    trivial_augment: bool = False,
 ) -> A.Compose | ViewWithSource:
     """Training pipeline: ``(H, W, 3) uint8`` -> ``(3, crop_size, crop_size)`` float tensor (and, with a
-    ``source_size``, the same view as a ``(3, source_size, source_size)`` uint8 tensor)."""
+    ``source_size``, the same view as a ``(3, source_size, source_size)`` uint8 tensor).
+
+    Steps: square resize to ``resize_size``; random ``crop_size`` crop, or with ``random_resized_crop_scale
+    = (lo, hi)`` a random resized crop (a region of ``lo..hi`` of the resized image's area, aspect ratio
+    3/4..4/3, resized to ``crop_size``); horizontal flip with probability ``hflip``; with
+    ``trivial_augment``, one op of :func:`trivial_augment_ops`; with ``color_jitter = s > 0``, with
+    probability 0.8, ``ColorJitter(brightness=s, contrast=s, saturation=s, hue=min(s/4, 0.1))``
+    (factors drawn from ``[max(0, 1-s), 1+s]``, hue shift in turns of the colour wheel, in random order);
+    normalise. The defaults add nothing: the same steps and random draws as without these arguments.
+    """
     _check_sizes(resize_size, crop_size, source_size)
+    scale = check_augmentations(random_resized_crop_scale, color_jitter, trivial_augment)
+    extra = _train_appearance(color_jitter, trivial_augment)
     if source_size is not None:
-        return ViewWithSource(_train_geometry(_scaled(resize_size, source_size, crop_size), source_size, hflip), crop_size, mean, std)
-    steps = _train_geometry(resize_size, crop_size, hflip) + [A.Normalize(mean=mean, std=std), ToTensorV2()]
+        geometry = _train_geometry(_scaled(resize_size, source_size, crop_size), source_size, hflip, scale)
+        return ViewWithSource(geometry + extra, crop_size, mean, std)
+    steps = _train_geometry(resize_size, crop_size, hflip, scale) + extra + [A.Normalize(mean=mean, std=std), ToTensorV2()]
     return A.Compose(steps, bbox_params=_bbox_params())
 
 
@@ -72,11 +124,93 @@ def build_eval_transform(
     return A.Compose(steps, bbox_params=_bbox_params())
 
 
-def _train_geometry(resize_size: int, crop_size: int, hflip: float) -> list[A.BasicTransform]:
-    steps = [A.Resize(resize_size, resize_size), A.RandomCrop(crop_size, crop_size)]
+def _train_geometry(resize_size: int, crop_size: int, hflip: float, rrc_scale: tuple[float, float] | None = None) -> list[A.BasicTransform]:
+    # RandomResizedCrop's scale is a fraction of its input's area: the same at any resize, so at the
+    # source's scale (``_scaled``) it draws the same region as at the view's
+    if rrc_scale is None:
+        crop = A.RandomCrop(crop_size, crop_size)
+    else:
+        crop = A.RandomResizedCrop(size=(crop_size, crop_size), scale=rrc_scale, ratio=RRC_RATIO)
+    steps = [A.Resize(resize_size, resize_size), crop]
     if hflip > 0:
         steps.append(A.HorizontalFlip(p=hflip))
     return steps
+
+
+def _train_appearance(color_jitter: float, trivial_augment: bool) -> list[A.BasicTransform]:
+    """The steps after the crop and flip: TrivialAugment (geometric ops move the box), then colour jitter."""
+    steps: list[A.BasicTransform] = []
+    if trivial_augment:
+        steps.append(A.OneOf(trivial_augment_ops(), p=1.0))
+    if color_jitter > 0:
+        s = float(color_jitter)
+        steps.append(A.ColorJitter(brightness=s, contrast=s, saturation=s, hue=min(s / 4, 0.1), p=COLOR_JITTER_P))
+    return steps
+
+
+def trivial_augment_ops() -> list[A.BasicTransform]:
+    """TrivialAugment-Wide (Müller & Hutter 2021; torchvision's ``TrivialAugmentWide``) in albumentations.
+
+    One of these 14 ops, uniformly, per image, with a magnitude drawn uniformly from its range (signed ops
+    either way): identity; shear x / y up to atan(0.99) = 44.7 degrees; translate x / y up to 1/7 of the
+    side (torchvision's 32 pixels at 224, a fraction so that it is the same at the source's scale);
+    rotate up to 135 degrees; brightness, colour (saturation), contrast and sharpness factors in
+    ``[0.01, 1.99]``; posterize to 2..8 bits; solarize above a threshold anywhere in ``[0, 255]``;
+    autocontrast; equalize. Geometric ops fill with black and move the box (the box of the transformed
+    corners, clipped to the image). Differences from torchvision: magnitudes are continuous instead of
+    31 bins; shears are about the image centre instead of its corner.
+    """
+    shear = math.degrees(math.atan(0.99))
+    translate = 1 / 7
+
+    def affine(**kw: Any) -> A.Affine:
+        return A.Affine(**kw, border_mode=cv2.BORDER_CONSTANT, fill=0, rotate_method="largest_box", p=1.0)
+
+    def factor(kind: str) -> A.ColorJitter:
+        ranges = {"brightness": (1.0, 1.0), "contrast": (1.0, 1.0), "saturation": (1.0, 1.0), "hue": (0.0, 0.0)}
+        ranges[kind] = (0.01, 1.99)
+        return A.ColorJitter(**ranges, p=1.0)
+
+    return [
+        A.NoOp(p=1.0),
+        affine(shear={"x": (-shear, shear), "y": (0.0, 0.0)}),
+        affine(shear={"x": (0.0, 0.0), "y": (-shear, shear)}),
+        affine(translate_percent={"x": (-translate, translate), "y": (0.0, 0.0)}),
+        affine(translate_percent={"x": (0.0, 0.0), "y": (-translate, translate)}),
+        affine(rotate=(-135.0, 135.0)),
+        factor("brightness"),
+        factor("saturation"),
+        factor("contrast"),
+        Sharpness(factor=(0.01, 1.99), p=1.0),
+        A.Posterize(num_bits=(2, 8), p=1.0),
+        A.Solarize(threshold_range=(0.0, 1.0), p=1.0),
+        A.AutoContrast(method="pil", p=1.0),
+        A.Equalize(mode="pil", p=1.0),
+    ]
+
+
+class Sharpness(A.ImageOnlyTransform):
+    """PIL's / torchvision's sharpness: blend the image with its 3x3-smoothed copy (border pixels kept);
+    a factor above 1 sharpens, below 1 blurs, 1 is the identity. ``factor``: the range it is drawn from."""
+
+    def __init__(self, factor: tuple[float, float] = (0.01, 1.99), p: float = 0.5) -> None:
+        super().__init__(p=p)
+        self.factor = (float(factor[0]), float(factor[1]))
+
+    def get_params(self) -> dict[str, Any]:
+        return {"factor": self.py_random.uniform(*self.factor)}
+
+    def apply(self, img: np.ndarray, factor: float = 1.0, **params: Any) -> np.ndarray:
+        if img.shape[0] < 3 or img.shape[1] < 3:
+            return img
+        x = img.astype(np.float32)
+        kernel = np.array([[1, 1, 1], [1, 5, 1], [1, 1, 1]], dtype=np.float32) / 13
+        smooth = x.copy()
+        smooth[1:-1, 1:-1] = np.round(cv2.filter2D(x, -1, kernel, borderType=cv2.BORDER_REFLECT_101)[1:-1, 1:-1])
+        return np.clip(factor * x + (1 - factor) * smooth, 0, 255).astype(img.dtype)
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ("factor",)
 
 
 def _eval_geometry(resize_size: int, crop_size: int) -> list[A.BasicTransform]:
@@ -91,13 +225,15 @@ def _scaled(resize_size: int, source_size: int, crop_size: int) -> int:
 class ViewWithSource:
     """A view at ``crop_size`` and the same view at ``source_size`` (uint8), from one geometry pass.
 
-    ``geometry`` (resize, crop, flip) produces the source view; the network's view is it resized to
-    ``crop_size`` (area interpolation, i.e. anti-aliased) and normalised. Called through
+    ``geometry`` (resize, crop, flip, and any training augmentation) produces the source view; the
+    network's view is it resized to ``crop_size`` (area interpolation, i.e. anti-aliased) and
+    normalised, so the two differ only in resolution, colour changes included. Called through
     :func:`apply_transform`; :meth:`set_random_state` lets :class:`~data_modules.resumable.SeededTransform`
     seed it like an ``A.Compose``.
 
     Args:
-        geometry: albumentations steps ending at ``(source_size, source_size)``.
+        geometry: albumentations steps ending at ``(source_size, source_size)`` (photometric steps
+            may follow the geometric ones: they change the source and hence the view alike).
         crop_size: side of the network's view.
         mean / std: the view's normalisation.
     """

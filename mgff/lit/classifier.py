@@ -14,14 +14,16 @@ from typing import IO, Any, Literal, Sequence
 import lightning as L
 import torch
 import torch.nn.functional as F
+from timm.layers import freeze_batch_norm_2d
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from mgff.lit.checkpoint import class_order_map, plain_hyperparameters, resolve_model_class
 from mgff.lit.keep_localization import FrozenReference, energy_correlation_loss
 from mgff.metrics.parent_accuracy import ParentAccuracy
-from mgff.lit.optim import GroupRecipe, build_optimizer, group_lr_factors, head_parameter_roles, param_groups
+from mgff.lit.optim import GroupRecipe, build_optimizer, group_lr_factors, head_parameter_roles, layer_lr_scales, param_groups
 from mgff.models.backbone import TimmBackbone
 from mgff.models.fusion import MGFFHead
 from mgff.models.heads import HeadOutput, LinearHead
@@ -33,8 +35,9 @@ log = logging.getLogger("mgff")
 # hyperparameters that fix the shape of the weights: a checkpoint must agree on them to load
 ARCHITECTURE_KEYS = (
     "backbone", "head", "num_classes", "stages", "stage_inputs", "align_last", "fusion_dim", "attention", "use_attention", "use_se", "use_gcn",
-    "graph_nodes", "fusion_residual", "shared_classifier", "shared_head",
+    "graph_nodes", "fusion_residual", "shared_classifier", "shared_head", "bn_mode",
 )
+BN_MODES = ("train", "eval", "frozen")
 # what a checkpoint saved before an architecture key existed was trained with, for the heads the key applies to
 LEGACY_DEFAULTS = {"fusion_residual": ("mgff", False)}
 
@@ -116,6 +119,19 @@ class FineGrainedClassifier(L.LightningModule):
             paper's reading is ``stage_inputs: [1, 2, 3]`` with ``stages: [3]`` (see ``mgff/models/fusion.py``).
         align_last: the MGFF head's conv on the last map; ``false`` feeds it as it is (the paper's
             "最后一层除外"), then ``fusion_dim`` must equal its channels.
+        bn_mode: what the pretrained backbone's BatchNorm layers do while training: ``train`` (batch statistics,
+            running statistics updated: PyTorch's default), ``eval`` (held in eval mode: the loaded running statistics
+            normalise every batch and never move; the affine weights train) or ``frozen`` (timm's
+            ``freeze_batch_norm_2d``: statistics and affine weights fixed, as ``FrozenBatchNorm2d``). Concerns
+            backbones with BatchNorm (EfficientNet, ResNet, ConvNeXt-free CNNs, UniFormer's convolutional stages);
+            Swin and ViT use LayerNorm and are the same under all three. The head's own norms always train.
+        freeze_backbone_epochs: train the head alone for this many first epochs (linear probing, then fine-tuning:
+            LP-FT): the backbone runs in eval mode without gradients (weights and BatchNorm statistics stay as loaded),
+            its parameters stay in the optimiser's ``backbone`` role with lr 0, and that role's warmup and cosine run
+            from the unfreeze to the end. Under DDP it needs ``strategy: ddp_find_unused_parameters_true``.
+        layer_decay: layer-wise lr decay of the backbone (timm's ``param_groups_layer_decay``): the last layer trains
+            at ``lr``, each earlier one at ``layer_decay`` times the next (EfficientNet-Lite0 at 0.75: the stem at
+            about 0.01x). ``None``: one lr for the whole backbone.
         channels_last: run the backbone in channels-last memory format (faster convs on GPU).
         compile: ``torch.compile`` the network's forward.
     """
@@ -181,6 +197,9 @@ class FineGrainedClassifier(L.LightningModule):
         scheduler_interval: Literal["epoch", "step"] = "epoch",
         stage_inputs: Sequence[int] = (),
         align_last: bool = True,
+        bn_mode: Literal["train", "eval", "frozen"] = "train",
+        freeze_backbone_epochs: int = 0,
+        layer_decay: float | None = None,
         channels_last: bool = False,
         compile: bool = False,
     ) -> None:
@@ -200,6 +219,12 @@ class FineGrainedClassifier(L.LightningModule):
             raise ValueError(f"model.optimizer must be 'sgd' or 'adamw', got {optimizer!r}")
         if keep_localization_weight < 0:
             raise ValueError(f"model.keep_localization_weight must be >= 0, got {keep_localization_weight}")
+        if bn_mode not in BN_MODES:
+            raise ValueError(f"model.bn_mode must be one of {BN_MODES}, got {bn_mode!r}")
+        if int(freeze_backbone_epochs) != freeze_backbone_epochs or freeze_backbone_epochs < 0:
+            raise ValueError(f"model.freeze_backbone_epochs must be a whole number of epochs >= 0, got {freeze_backbone_epochs}")
+        if layer_decay is not None and not 0.0 < layer_decay <= 1.0:
+            raise ValueError(f"model.layer_decay must be in (0, 1] or null, got {layer_decay}")
         self.save_hyperparameters()
         try:
             self.backbone = self.build_backbone()
@@ -241,7 +266,7 @@ class FineGrainedClassifier(L.LightningModule):
     def build_backbone(self) -> TimmBackbone:
         """The timm backbone returning the maps the head fuses (``stages``, ``stage_inputs``), from the hparams."""
         hp = self.hparams
-        return TimmBackbone(
+        backbone = TimmBackbone(
             hp.backbone,
             out_indices=tuple(hp.stages),
             pretrained=hp.pretrained,
@@ -249,6 +274,57 @@ class FineGrainedClassifier(L.LightningModule):
             stage_inputs=tuple(hp.get("stage_inputs", ())),
             **(hp.backbone_kwargs or {}),
         )
+        if hp.get("bn_mode", "train") == "frozen":  # after the pretrained weights: their statistics are kept
+            backbone = freeze_batch_norm_2d(backbone)
+        return backbone
+
+    # ----- the pretrained networks while training: BatchNorm policy and the head-first phase -------
+    def pretrained_networks(self) -> list[TimmBackbone]:
+        """The pretrained backbones ``bn_mode`` and ``freeze_backbone_epochs`` act on (subclasses add theirs)."""
+        return [self.backbone]
+
+    @property
+    def backbone_frozen(self) -> bool:
+        """The current epoch is one of the first ``freeze_backbone_epochs`` (the head trains alone)."""
+        epochs = self.hparams.get("freeze_backbone_epochs", 0)
+        return epochs > 0 and self._trainer is not None and self.trainer.state.fn == "fit" and self.current_epoch < epochs
+
+    def train(self, mode: bool = True):
+        """``nn.Module.train``, then the pretrained networks' policy: all of a frozen backbone in eval mode, or its
+        BatchNorm layers with ``bn_mode='eval'``."""
+        super().train(mode)
+        if mode:
+            frozen = self.backbone_frozen
+            for net in self.pretrained_networks():
+                if frozen:
+                    net.eval()
+                elif self.hparams.get("bn_mode", "train") == "eval":
+                    for module in net.modules():
+                        if isinstance(module, _BatchNorm):
+                            module.eval()
+        return self
+
+    def on_train_epoch_start(self) -> None:
+        """Enter or leave the head-first phase at the epoch's start (the epoch counter has moved by now)."""
+        frozen = self.backbone_frozen
+        for net in self.pretrained_networks():
+            net.frozen = frozen
+        self.train(self.training)
+
+    def on_train_end(self) -> None:
+        for net in self.pretrained_networks():
+            net.frozen = False
+
+    def on_fit_start(self) -> None:
+        """Refuse the head-first phase under DDP without ``find_unused_parameters`` (its backbone gets no gradients,
+        and DDP would fail at the second step with a message about unused parameters)."""
+        if self.hparams.get("freeze_backbone_epochs", 0) > 0 and self.trainer.world_size > 1:
+            ddp_kwargs = getattr(self.trainer.strategy, "_ddp_kwargs", None)
+            if ddp_kwargs is not None and not ddp_kwargs.get("find_unused_parameters", False):
+                raise ValueError(
+                    "model.init_args.freeze_backbone_epochs > 0 leaves the backbone without gradients in the first epochs; "
+                    "under DDP set trainer.strategy: ddp_find_unused_parameters_true"
+                )
 
     def build_head(self, channels: Sequence[int], reductions: Sequence[int], num_classes: int) -> nn.Module:
         """The classification head on the backbone's stage maps (linear or MGFF, from the hparams)."""
@@ -439,7 +515,7 @@ class FineGrainedClassifier(L.LightningModule):
         hp = self.hparams
         default = lambda key, fallback: fallback if hp.get(key) is None else hp.get(key)  # noqa: E731
         return {
-            "backbone": GroupRecipe(hp.lr, hp.weight_decay, hp.warmup_epochs),
+            "backbone": GroupRecipe(hp.lr, hp.weight_decay, hp.warmup_epochs, float(hp.get("freeze_backbone_epochs", 0))),
             "fusion": GroupRecipe(
                 hp.lr * default("fusion_lr_scale", hp.head_lr_scale), default("fusion_weight_decay", hp.weight_decay),
                 default("fusion_warmup_epochs", hp.warmup_epochs),
@@ -450,8 +526,13 @@ class FineGrainedClassifier(L.LightningModule):
         }
 
     def optimizer_param_groups(self) -> list[dict]:
-        """The optimiser's parameter groups: every trainable parameter once, in the group of its role."""
-        return param_groups(self.optimizer_parameters(), self.group_recipes())
+        """The optimiser's parameter groups: every trainable parameter once, in the group of its role (and, with
+        ``layer_decay``, of its backbone layer's lr scale)."""
+        scales: dict[int, float] = {}
+        if self.hparams.get("layer_decay") is not None:
+            for net in self.pretrained_networks():
+                scales.update(layer_lr_scales(net.model, self.hparams.layer_decay))
+        return param_groups(self.optimizer_parameters(), self.group_recipes(), scales)
 
     def configure_optimizers(self):
         hp = self.hparams

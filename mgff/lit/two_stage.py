@@ -357,6 +357,10 @@ class TwoStageClassifier(FineGrainedClassifier):
     def on_test_epoch_end(self) -> None:
         self._log_box_iou("test")
 
+    def pretrained_networks(self) -> list:
+        """Stage 1's backbone and stage 2's own copy, if any (the ViT cropper has its own recipe)."""
+        return super().pretrained_networks() + ([self.backbone2] if self.backbone2 is not None else [])
+
     def optimizer_parameters(self) -> list[tuple[str, list[nn.Parameter]]]:
         """Stage 1's roles, a second stage's backbone and head in the same roles, and a trainable ViT cropper
         (with its own classification head) in ``classifier``, at the head's lr."""

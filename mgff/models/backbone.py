@@ -35,6 +35,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import timm
+import torch
 from timm.models._features import feature_take_indices
 from timm.models.efficientnet import EfficientNet
 from torch import Tensor, nn
@@ -79,7 +80,13 @@ class TimmBackbone(nn.Module):
 
     Shapes:
         ``forward(x: (B, 3, H, W)) -> [ (B, C_i, H / r_i, W / r_i) for each out index ]``
+
+    ``frozen = True`` runs the forward under ``torch.no_grad()`` (a backbone held fixed while a head trains:
+    no graph, no gradients, about a third of a training step's cost); the module's train/eval mode is its
+    owner's business.
     """
+
+    frozen: bool = False
 
     def __init__(
         self,
@@ -179,6 +186,12 @@ class TimmBackbone(nn.Module):
 
     def forward(self, x: Tensor) -> list[Tensor]:
         """``(B, 3, H, W) -> [(B, C_i, H / r_i, W / r_i), ...]``, one map per tap (see ``feature_modules``)."""
+        if self.frozen:
+            with torch.no_grad():
+                return self._maps(x)
+        return self._maps(x)
+
+    def _maps(self, x: Tensor) -> list[Tensor]:
         if not self.uses_intermediates:
             features = self.model(x)
             if isinstance(features, dict):

@@ -20,6 +20,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import WeightAveraging
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 
@@ -97,6 +98,11 @@ class StopOnNonFiniteLoss(L.Callback):
         """Raise on every rank if ``found`` (this rank's non-finite values) or a non-finite parameter or
         buffer of ``pl_module`` is reported on any rank."""
         bad_tensor = first_nonfinite_tensor(pl_module)
+        for callback in trainer.callbacks:  # the averaged weights, which validation and the checkpoints use
+            average = getattr(callback, "_average_model", None) if isinstance(callback, WeightAveraging) else None
+            if bad_tensor is None and average is not None:
+                bad_average = first_nonfinite_tensor(average.module)
+                bad_tensor = f"averaged {bad_average} ({type(callback).__name__})" if bad_average else None
         bad_here = bool(found) or bad_tensor is not None
         if not trainer.strategy.reduce_boolean_decision(bad_here, all=False):
             return

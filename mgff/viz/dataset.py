@@ -109,7 +109,7 @@ def augmentation_grid(
     """One training image as stored, then ``num_views`` draws of the DataModule's train augmentation.
 
     The augmentation is the DataModule's own pipeline (:func:`~data_modules.transforms.build_train_transform`
-    with its ``resize_size``, ``crop_size``, ``hflip``, ``mean``, ``std``), seeded with ``seed``; the
+    with its ``resize_size``, ``crop_size``, ``hflip``, ``mean``, ``std`` and named augmentations), seeded with ``seed``; the
     ground-truth box goes through the same geometry and is drawn on every view.
 
     Returns:
@@ -120,7 +120,11 @@ def augmentation_grid(
         raise IndexError(f"index {index} outside the train split (0..{len(samples) - 1})")
     sample = samples[index]
     image = load_rgb(root / sample.path)
-    transform = build_train_transform(datamodule.resize_size, datamodule.crop_size, datamodule.hflip, datamodule.mean, datamodule.std)
+    transform = build_train_transform(
+        datamodule.resize_size, datamodule.crop_size, datamodule.hflip, datamodule.mean, datamodule.std,
+        random_resized_crop_scale=getattr(datamodule, "random_resized_crop_scale", None),
+        color_jitter=getattr(datamodule, "color_jitter", 0.0), trivial_augment=getattr(datamodule, "trivial_augment", False),
+    )
     transform.set_random_seed(seed)
     views, boxes = [image], [sample.box]
     for _ in range(num_views):

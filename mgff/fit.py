@@ -13,14 +13,23 @@ that step, and one whose validation loss, checkpoint-ranked metric, parameters o
 the end of that validation, before any checkpoint of the state is written
 (:class:`~mgff.callbacks.nonfinite_loss.StopOnNonFiniteLoss`); it is not tested, writes no
 ``metrics.json`` and exits with status 1, naming the step, epoch and loss terms.
+
+``metrics.json`` holds what ``trainer.test`` returned (``test/acc``, ``test/acc5``; for the two-stage model also
+each stage's ``test/stage1_acc``, ``test/stage2_acc``...), ``best_val/acc``, the best checkpoint, epochs and steps,
+``fit_seconds`` (wall time of the fit), ``cpu_seconds`` (user + system CPU time of the same fit, this process's
+and its children's: the data-loader workers, see :func:`cpu_seconds_so_far`), ``torch_threads``
+(``torch.get_num_threads()``) and ``num_classes``.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any, Optional
+
+import torch
 
 from mgff.callbacks.nonfinite_loss import NonFiniteLossError
 from mgff.callbacks.preemption import TrainingPreempted
@@ -41,11 +50,40 @@ class FitCLI(MGFFCLI):
         )
 
 
+def cpu_seconds_so_far() -> float:
+    """User + system CPU seconds used so far by this process and its descendants.
+
+    Descendants that ended and were waited for (``RUSAGE_CHILDREN``) and those still running: data-loader
+    workers are persistent (``persistent_workers``) and outlive ``trainer.fit``, so the ended ones alone would
+    miss them. Under Lightning's own DDP launcher on one machine the other ranks are this process's children
+    and count too; under ``srun`` each rank is its own process. The difference of two calls is the CPU time
+    spent in between.
+    """
+    try:
+        import resource
+    except ImportError:  # not POSIX: this process only
+        return time.process_time()
+    own, ended = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    total = own.ru_utime + own.ru_stime + ended.ru_utime + ended.ru_stime
+    try:
+        import psutil
+    except ImportError:
+        return total
+    for child in psutil.Process(os.getpid()).children(recursive=True):
+        try:
+            times = child.cpu_times()
+        except psutil.Error:  # ended meanwhile: counted by RUSAGE_CHILDREN once it is waited for
+            continue
+        # a live child's own ended children are in its children_*; its live ones are listed themselves
+        total += times.user + times.system + getattr(times, "children_user", 0.0) + getattr(times, "children_system", 0.0)
+    return total
+
+
 def run(args: list[str] | None = None) -> dict[str, Any]:
     """Fit, test the best checkpoint, write ``metrics.json``; return the metrics (on every rank)."""
     cli = FitCLI(run=False, args=args)
     trainer, model, datamodule = cli.trainer, cli.model, cli.datamodule
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), cpu_seconds_so_far()
     try:
         trainer.fit(model, datamodule=datamodule, ckpt_path=cli.config.get("ckpt_path"))
     except TrainingPreempted as stop:
@@ -57,7 +95,7 @@ def run(args: list[str] | None = None) -> dict[str, Any]:
         if trainer.is_global_zero:
             print(f"mgff: {err} Not tested, no metrics.json written.")
         raise
-    fit_seconds = time.perf_counter() - start
+    fit_seconds, cpu_seconds = time.perf_counter() - start, cpu_seconds_so_far() - cpu_start
 
     # the monitored ModelCheckpoint (the CLI's ``checkpoint``), not ``last_checkpoint``
     checkpoint = next((cb for cb in trainer.checkpoint_callbacks if getattr(cb, "monitor", None)), trainer.checkpoint_callback)
@@ -72,6 +110,8 @@ def run(args: list[str] | None = None) -> dict[str, Any]:
             "epochs": trainer.current_epoch,
             "global_step": trainer.global_step,
             "fit_seconds": round(fit_seconds, 1),
+            "cpu_seconds": round(cpu_seconds, 1),
+            "torch_threads": torch.get_num_threads(),
             "num_classes": datamodule.num_classes,
         }
     )

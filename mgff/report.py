@@ -14,7 +14,9 @@ and the worker and device counts (``data.init_args.num_workers``, ``trainer.devi
 key shortened to the last part(s) that tell it apart (``lr=0.001,head=linear``); one group is ``all``.
 
 **Table.** Markdown, one row per group: runs, seeds, mean ± sd over runs (sample sd, n-1) of ``test/acc``
-and of the best ``val/acc`` (``metrics.json``), epochs, fit time. ``--csv FILE`` writes the same numbers.
+and of the best ``val/acc`` (``metrics.json``), epochs, fit time and CPU time (means over runs; the CPU time of
+the fit, user + system, loader workers included, from ``cpu_seconds``, which runs made before mgff recorded it
+lack: ``-``, or the mean over the runs that have it, with their count). ``--csv FILE`` writes the same numbers.
 
 **``--compare A B``** (group labels; repeatable): the difference ``test/acc(B) - test/acc(A)`` with the pooled
 paired bootstrap 95 % interval (:func:`mgff.stats.pooled_paired_bootstrap`): the runs of A and B are paired
@@ -192,7 +194,8 @@ def _display(key: str, value: str) -> str:
 # ----- table ---------------------------------------------------------------------------------------
 def group_summary(group: Group) -> dict[str, Any]:
     """The table's numbers of one group: runs, seeds, mean and sd (n-1; NaN for one run) of test/acc and best
-    val/acc, epochs (min, max) and mean fit seconds; then the differing settings."""
+    val/acc, epochs (min, max), mean fit seconds, mean CPU seconds over the runs that recorded them (NaN when
+    none did) and how many did; then the differing settings."""
     def mean_sd(key: str) -> tuple[float, float]:
         values = np.array([float(r.metrics[key]) for r in group.runs if r.metrics.get(key) is not None])
         if not len(values):
@@ -202,6 +205,7 @@ def group_summary(group: Group) -> dict[str, Any]:
     test_mean, test_sd = mean_sd("test/acc")
     val_mean, val_sd = mean_sd("best_val/acc")
     epochs = [int(r.metrics["epochs"]) for r in group.runs]
+    cpu = [float(r.metrics["cpu_seconds"]) for r in group.runs if isinstance(r.metrics.get("cpu_seconds"), (int, float))]
     return {
         "group": group.label,
         "runs": len(group.runs),
@@ -213,19 +217,24 @@ def group_summary(group: Group) -> dict[str, Any]:
         "epochs_min": min(epochs),
         "epochs_max": max(epochs),
         "fit_seconds_mean": float(np.mean([float(r.metrics["fit_seconds"]) for r in group.runs])),
+        "cpu_seconds_mean": float(np.mean(cpu)) if cpu else math.nan,
+        "cpu_seconds_runs": len(cpu),
         **group.settings,
         "run_dirs": " ".join(str(r.path) for r in group.runs),
     }
 
 
 def markdown_table(groups: Sequence[Group]) -> str:
-    """One row per group: runs, seeds, ``test/acc`` and best ``val/acc`` as mean ± sd, epochs, fit time."""
-    lines = ["| group | runs | seeds | test/acc | best val/acc | epochs | fit time |", "|---|---|---|---|---|---|---|"]
+    """One row per group: runs, seeds, ``test/acc`` and best ``val/acc`` as mean ± sd, epochs, fit time, CPU time."""
+    lines = ["| group | runs | seeds | test/acc | best val/acc | epochs | fit time | CPU time |", "|---|---|---|---|---|---|---|---|"]
     for s in map(group_summary, groups):
         epochs = str(s["epochs_min"]) if s["epochs_min"] == s["epochs_max"] else f"{s['epochs_min']}-{s['epochs_max']}"
+        cpu = "-" if not s["cpu_seconds_runs"] else _duration(s["cpu_seconds_mean"])
+        if 0 < s["cpu_seconds_runs"] < s["runs"]:  # older runs in the group did not record it
+            cpu += f" ({s['cpu_seconds_runs']} of {s['runs']} runs)"
         lines.append(
             f"| {s['group']} | {s['runs']} | {s['seeds']} | {_mean_sd(s['test_acc_mean'], s['test_acc_sd'])} "
-            f"| {_mean_sd(s['best_val_acc_mean'], s['best_val_acc_sd'])} | {epochs} | {_duration(s['fit_seconds_mean'])} |"
+            f"| {_mean_sd(s['best_val_acc_mean'], s['best_val_acc_sd'])} | {epochs} | {_duration(s['fit_seconds_mean'])} | {cpu} |"
         )
     return "\n".join(lines)
 

@@ -10,7 +10,8 @@ names, expecting inputs at mean = std = 0.5). Every real-photo benchmark takes
     --weights FILE   EfficientNet-Lite0 weights under timm's names (.safetensors or .pth)
     --mean M M M / --std S S S   the input normalisation those weights expect
 
-and keeps one resized image cache per source root (``runs/cache/<folder name>-<hash of its absolute path>``), so
+(:meth:`RealData.cli_options` gives the same as overrides of a config: ``--data.init_args.root`` ...), and keeps one
+resized image cache per source root (``runs/cache/<folder name>-<hash of its absolute path>``), so
 runs on two roots never share or refuse each other's cache.
 """
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,6 +68,14 @@ class RealData:
         backbone's are the same, so the model's conversion is the identity)."""
         return dict(pretrained=str(self.weights), data_mean=list(self.mean), data_std=list(self.std),
                     backbone_mean=list(self.mean), backbone_std=list(self.std))
+
+    def cli_options(self) -> list[str]:
+        """The same as command-line overrides of a config (``python -m mgff.fit --config ... <these>``): the root,
+        the weights file, and the normalisation on the data (the model's ``data_mean``/``data_std`` follow it by
+        the CLI's links) and on the backbone."""
+        mean, std = json.dumps([float(m) for m in self.mean]), json.dumps([float(s) for s in self.std])
+        return [f"--data.init_args.root={self.root}", f"--data.init_args.mean={mean}", f"--data.init_args.std={std}",
+                f"--model.init_args.pretrained={self.weights}", f"--model.init_args.backbone_mean={mean}", f"--model.init_args.backbone_std={std}"]
 
 
 def add_arguments(parser: argparse.ArgumentParser, weights: bool = True) -> argparse.ArgumentParser:

@@ -1,11 +1,11 @@
 """Box quality of the localisers on real CUB photos: mIoU and hit@0.5 against the official boxes.
 
 Data: ``--root`` (any CUB_200_2011-layout folder, any subset of classes; default the shared real photos of classes
-1-25, :mod:`benchmarks.real_data`) read from the originals, the evaluation view of :mod:`benchmarks.real_photos`
-(resize ``--resize`` 256 -> centre crop ``--crop`` 224, normalised with ``--mean``/``--std``) and the same view at
-``--source-size`` (448 by default) as ``batch["source"]``. Boxes are scored in the frame of that view (the frame the
-crop is cut from; the source view has the same geometry, and IoU does not change with scale), against the official
-box moved through the same resize and crop.
+1-25, :mod:`benchmarks.real_data`) read from the originals, the split and evaluation view of the config of
+:mod:`benchmarks.real_photos`' run ``linear_best`` (resize ``--resize`` 256 -> centre crop ``--crop`` 224,
+normalised with ``--mean``/``--std``) and the same view at ``--source-size`` (448 by default) as ``batch["source"]``.
+Boxes are scored in the frame of that view (the frame the crop is cut from; the source view has the same geometry,
+and IoU does not change with scale), against the official box moved through the same resize and crop.
 
 Localisers, each scored on ``--split`` (``test`` by default):
 
@@ -58,7 +58,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 from benchmarks import real_data  # noqa: E402
 from benchmarks.measure import count_flops, describe_machine, machine_info, print_table  # noqa: E402
 from benchmarks.real_data import RealData  # noqa: E402
-from benchmarks.real_photos import DATA as RUNNER_DATA  # noqa: E402
+from benchmarks import real_photos  # noqa: E402
 from mgff.lit import FineGrainedClassifier  # noqa: E402
 from mgff.lit.checkpoint import resolve_model_class  # noqa: E402
 from mgff.lit.two_stage import TwoStageClassifier  # noqa: E402
@@ -72,15 +72,19 @@ COLUMNS = [("localizer", "localiser", "s"), ("weights", "weights", "s"), ("map",
            ("miou", "mIoU", ".3f"), ("hit50", "hit@0.5", ".3f"), ("images", "images", "d")]
 
 
+VIEW_RUN = "linear_best"  # the runner's run whose data (split and evaluation view) the boxes are scored on
+
+
 def build_datamodule(source: RealData, source_size: int, batch_size: int = 25, num_workers: int = 0,
-                     resize_size: int = RUNNER_DATA["resize_size"], crop_size: int = RUNNER_DATA["crop_size"]):
-    """The CUB DataModule on ``source``'s originals (no resized cache: the source view needs the full photo): the
-    runner's split (``val_fraction``, ``split_seed``) and evaluation view, plus the view at ``source_size``."""
-    return source.datamodule(
-        cache=None, batch_size=batch_size, num_workers=num_workers, source_size=source_size, persistent_workers=False,
-        pin_memory=False, resize_size=resize_size, crop_size=crop_size, val_fraction=RUNNER_DATA["val_fraction"],
-        split_seed=RUNNER_DATA["split_seed"],
-    )
+                     resize_size: int | None = None, crop_size: int | None = None):
+    """The CUB DataModule on ``source``'s originals (no resized cache: the source view needs the full photo), built
+    from the config of the runner's :data:`VIEW_RUN` (:func:`benchmarks.real_photos.build_datamodule`): its split
+    (``val_fraction``, ``split_seed``) and evaluation view (``resize_size``/``crop_size`` unless given), plus the
+    view at ``source_size``."""
+    sizes = {k: v for k, v in dict(resize_size=resize_size, crop_size=crop_size).items() if v is not None}
+    options = real_photos.data_options(source_size=source_size, batch_size=batch_size, num_workers=num_workers,
+                                       persistent_workers=False, pin_memory=False, **sizes)
+    return real_photos.build_datamodule(real_photos.RUNS[VIEW_RUN], source, cache=None, extra=options)
 
 
 def split_loader(datamodule, split: str):
@@ -306,8 +310,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="a fine-tuned classifier checkpoint: every response at the view's side and --source-size, and its own localiser "
                              "as trained (row NAME); repeatable")
     parser.add_argument("--source-size", type=int, default=448, help="side of the source view the finer maps are computed on")
-    parser.add_argument("--resize", type=int, default=RUNNER_DATA["resize_size"], help="the view: resize the shorter side to this (default the runner's)")
-    parser.add_argument("--crop", type=int, default=RUNNER_DATA["crop_size"], help="the view: centre crop of this side, the frame boxes are scored in (default the runner's)")
+    parser.add_argument("--resize", type=int, default=None, help=f"the view: resize the shorter side to this (default the runner's {VIEW_RUN}: 256)")
+    parser.add_argument("--crop", type=int, default=None,
+                        help=f"the view: centre crop of this side, the frame boxes are scored in (default the runner's {VIEW_RUN}: 224)")
     parser.add_argument("--batch-size", type=int, default=25)
     parser.add_argument("--limit", type=int, default=None, help="score only the first N images (quick checks)")
     parser.add_argument("--threads", type=int, default=2)
@@ -326,9 +331,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     command = "python benchmarks/box_quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
     print(f"# {command.strip()}\n# {describe_machine(machine_info(torch.device('cpu')))}, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC", flush=True)
+    datamodule = build_datamodule(source, args.source_size, args.batch_size, resize_size=args.resize, crop_size=args.crop)
+    args.crop = datamodule.crop_size  # the view's side, the run's unless --crop
     models = {f"{name} (fine-tuned)": checkpoint_model(name, path, source) for name, path in checkpoints.items()}
     trained = {name: trained_localizer(name, path, source, args.crop, args.source_size) for name, path in checkpoints.items()}
-    datamodule = build_datamodule(source, args.source_size, args.batch_size, resize_size=args.resize, crop_size=args.crop)
     fraction = best_centred_fraction(split_loader(datamodule, "val"), args.limit)
     models = {"imagenet (frozen)": features_model(datamodule.num_classes, source, args.crop), **models}
     start = time.perf_counter()

@@ -2,13 +2,14 @@
 
 Fine-tuning mixes two questions: what a head can read from the backbone's maps, and how the backbone and the
 head train together (lrs, warmup, few epochs). This probe keeps only the first. The ImageNet EfficientNet-Lite0
-backbone of the real-photo runner (``benchmarks/real_photos.py``: ``COMMON`` and the ``--weights`` /
-``--mean`` / ``--std`` of :mod:`benchmarks.real_data`, built as :class:`mgff.lit.FineGrainedClassifier` builds
-it, stages 2, 3, 4) computes the maps of every photo **once**, frozen (eval mode, no gradient):
+backbone of the real-photo runner (``benchmarks/real_photos.py``: its run :data:`PROBE_RUN`, built from its config
+by the project's CLI with the ``--weights`` / ``--mean`` / ``--std`` of :mod:`benchmarks.real_data`, stages 2, 3, 4)
+computes the maps of every photo **once**, frozen (eval mode, no gradient):
 
 - at 224 px, 40x28x28, 112x14x14 and 1280x7x7 per image, in the runner's split of ``--root`` (the CUB
-  DataModule of :func:`real_photos.build_datamodule`: training photos minus the stratified 20 % validation
-  split, the official test photos), through the DataModule's evaluation transform (resize 256, centre crop 224);
+  DataModule of the same run, :func:`real_photos.build_datamodule`: training photos minus the stratified 20 %
+  validation split, the official test photos), through the DataModule's evaluation transform (resize 256, centre
+  crop 224);
 - the training photos twice: as they are and flipped left-right, the one augmentation (each epoch draws one of
   the two views per image, as the fine-tune's ``hflip=0.5`` does);
 - held in memory for every head and seed, and on disk in float16 under
@@ -22,11 +23,11 @@ initialisation, the order and the flips): batch 64, one
 optimiser (AdamW or SGD) over the head's two parameter roles of :mod:`mgff.lit.optim` (``fusion``: the MGFF
 layers, at ``--lr`` x ``--fusion-lr-scale``; ``classifier``: a head's ``classifier_modules()``, at ``--lr``),
 cosine decay per step, the loss of :meth:`FineGrainedClassifier.loss_terms` (cross-entropy + 0.1 x the head's
-auxiliary pooling loss). Each head is the classifier's own (``FineGrainedClassifier(**kwargs).head`` with the
-variant's overrides, built after ``torch.manual_seed(seed)``). The epoch of the best validation top-1 (the
-first of ties) is kept and its test top-1 reported: mean ± sd over seeds and, per head, the pooled paired
-bootstrap interval of ``acc(head) - acc(linear)`` over the seeds' per-image correctness
-(:func:`mgff.stats.pooled_paired_bootstrap`).
+auxiliary pooling loss). Each head is the classifier's own: the run's model with the variant's overrides
+(``--model.init_args.head=mgff``...), built by the CLI seeded with ``--seed_everything=seed`` (the same draws as
+``torch.manual_seed(seed)``). The epoch of the best validation top-1 (the first of ties) is kept and its test
+top-1 reported: mean ± sd over seeds and, per head, the pooled paired bootstrap interval of
+``acc(head) - acc(linear)`` over the seeds' per-image correctness (:func:`mgff.stats.pooled_paired_bootstrap`).
 
 What it tells: ``multiscale_linear`` (the residual head with attention, SE and GCN off: align convs + mean over
 positions of all scales, through the zero-initialised fused classifier) against ``linear`` says whether the
@@ -58,7 +59,6 @@ import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass
-from types import SimpleNamespace
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +89,10 @@ class ProbeHead:
     note: str
 
 
+# the runner's run whose model (backbone, weights, loss) and data (split, view) the probe reads: the held-back
+# settings of the fine-tunes it is compared with (no label smoothing)
+PROBE_RUN = real_photos.RUNS["linear_best"]
+LAST_STAGE = 4  # the last of the run's stages [2, 3, 4]
 RESIDUAL = dict(head="mgff", fusion_residual=True)
 HEADS: dict[str, ProbeHead] = {
     "linear": ProbeHead(dict(head="linear"), "norm + pool + linear on the last map (1280 ch)"),
@@ -101,7 +105,7 @@ HEADS: dict[str, ProbeHead] = {
     "mgff_no_residual": ProbeHead(dict(head="mgff", fusion_residual=False), "the plain MGFF head (fused readout alone)"),
     # a control, not run by default: multiscale_linear's fused path on the last map alone (one 1x1 align conv), so
     # multiscale_linear - fused_last_map is what the earlier scales add, apart from having a second path at all
-    "fused_last_map": ProbeHead(dict(RESIDUAL, use_attention=False, use_se=False, use_gcn=False, stages=real_photos.COMMON["stages"][-1:]),
+    "fused_last_map": ProbeHead(dict(RESIDUAL, use_attention=False, use_se=False, use_gcn=False, stages=[LAST_STAGE]),
                                 "control: multiscale_linear's fused path on the last map only (no earlier scale)"),
 }
 DEFAULT_HEADS = ("linear", "multiscale_linear", "mgff", "mgff_no_attention", "mgff_no_se", "mgff_no_gcn", "mgff_no_residual")
@@ -175,24 +179,18 @@ class CachedMaps:
     path: Path
 
 
-def probe_model(source: RealData, num_classes: int, overrides: dict[str, Any] | None = None, weights: bool = True):
-    """The runner's classifier (:data:`real_photos.COMMON` + the weights and normalisation of ``source``) with
-    ``overrides``; without its pretrained weights unless ``weights`` (only the backbone needs them)."""
-    from mgff.lit import FineGrainedClassifier
-    from mgff.models.pretrained import skip_pretrained_weights
-
-    classes = SimpleNamespace(num_classes=num_classes)  # what model_kwargs reads from a DataModule
-    kwargs = {**real_photos.model_kwargs(real_photos.Run(real_photos.CLASSIFIER), classes, source), **(overrides or {})}
-    if weights:
-        return FineGrainedClassifier(**kwargs)
-    with skip_pretrained_weights():
-        return FineGrainedClassifier(**kwargs)
+def probe_model(source: RealData, overrides: dict[str, Any] | None = None, weights: bool = True, seed: int | None = None):
+    """The classifier of :data:`PROBE_RUN` on the weights and normalisation of ``source`` with ``overrides`` (model
+    arguments), built from its config by the project's CLI, which seeds the global generators with ``seed`` (else the
+    config's); without its pretrained weights unless ``weights`` (only the backbone needs them)."""
+    extra = [*real_photos.model_options(**(overrides or {})), *([f"--seed_everything={seed}"] if seed is not None else [])]
+    return real_photos.build(PROBE_RUN, source, cache=None, extra=extra, weights=weights)[0]
 
 
 def probe_datamodule(source: RealData):
-    """The runner's CUB DataModule on ``source`` (its split, sizes and normalisation), reading the original
+    """The CUB DataModule of :data:`PROBE_RUN` on ``source`` (its split, sizes and normalisation), reading the original
     photos: each is decoded once here, so a resized cache would save nothing."""
-    data = real_photos.build_datamodule(source, 0, cache_dir=None)
+    data = real_photos.build_datamodule(PROBE_RUN, source, cache=None)
     data.setup("fit")
     return data
 
@@ -269,7 +267,7 @@ def load_or_compute_maps(source: RealData, cache: Path = DEFAULT_CACHE, log=prin
     """The maps of ``source``: read from the disk cache when one with the same key exists, else computed and
     written there. Returns ``(maps, model)``, the model being the probe's classifier with the pretrained backbone."""
     data = probe_datamodule(source)
-    model = probe_model(source, data.num_classes)
+    model = probe_model(source)
     key = map_cache_key(source, data, model)
     path = cache_path(source, key, cache)
     start = time.perf_counter()
@@ -360,12 +358,11 @@ def train_head(model, splits: dict[str, MapSplit], recipe: Recipe, seed: int) ->
 
 def run_probe(source: RealData, heads: list[str], seeds: list[int], recipe: Recipe, maps: CachedMaps, log=print) -> dict[str, dict[int, dict]]:
     """Every head of ``heads`` over every seed on ``maps``: ``{head: {seed: train_head's result}}``."""
-    num_classes = int(maps.splits["train"].labels.max()) + 1
     results: dict[str, dict[int, dict]] = {}
     for name in heads:
         for seed in seeds:
-            torch.manual_seed(seed)  # the head's initialisation and its dropout
-            model = probe_model(source, num_classes, HEADS[name].overrides, weights=False)
+            # the CLI seeds with the seed before building: the head's initialisation and its dropout
+            model = probe_model(source, HEADS[name].overrides, weights=False, seed=seed)
             stages = list(model.hparams.stages)
             result = train_head(model, {n: s.select(stages) for n, s in maps.splits.items()}, recipe, seed)
             result["params"] = sum(p.numel() for p in model.head.parameters())

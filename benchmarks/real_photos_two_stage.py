@@ -15,9 +15,9 @@ and reports per combination the test top-1 of stage 1, stage 2 and the merge (``
 split by whether the box hits (IoU >= 0.5). Stage 2 was never trained on crops here: this isolates the
 box and the crop's resolution from stage 2's training, which the two-stage runs of the runner add.
 Intervals: :func:`mgff.stats.paired_bootstrap`. The checkpoint is untrusted input, read with ``weights_only=True``.
-The models are built as the runner builds its ``ts_*`` runs (:func:`benchmarks.real_photos.model_kwargs`) on
-``--weights`` (which the checkpoint's weights then replace) and the data's normalisation ``--mean``/``--std``; a
-checkpoint trained with another backbone normalisation is refused, naming the file.
+The models and the data are the runner's ``ts_*`` runs, built from their configs by the project's CLI
+(:func:`benchmarks.real_photos.build`) on ``--weights`` (which the checkpoint's weights then replace) and the data's
+normalisation ``--mean``/``--std``; a checkpoint trained with another backbone normalisation is refused, naming the file.
 
     nice -n 5 python benchmarks/real_photos_two_stage.py --checkpoint runs/real_photos_two_stage/ts_single/best.ckpt
     python benchmarks/real_photos_two_stage.py --root /data/CUB_200_2011 --weights my_lite0.safetensors \\
@@ -52,16 +52,15 @@ KNOWN_VARIANTS = VARIANTS + ("ts_energy_source",)  # the features box with the `
 DEFAULT_OUT = real_photos.DEFAULT_OUT.parent / "real_photos_two_stage"
 
 
-def load_models(checkpoint: Path, data, variants=VARIANTS, source: RealData = RealData()) -> dict[str, torch.nn.Module]:
-    """Each variant's two-stage model (as the runner builds it on ``source``'s weights and normalisation) with the
+def load_models(checkpoint: Path, variants=VARIANTS, source: RealData = RealData()) -> dict[str, torch.nn.Module]:
+    """Each variant's two-stage model (the runner's run, built on ``source``'s weights and normalisation) with the
     checkpoint's weights (a single-stage run's, or a two-stage run's with a shared classifier: the same keys). The
     checkpoint is read as untrusted input (:func:`benchmarks.real_data.read_checkpoint`); one that does not fit
     exits naming the file."""
     state = real_data.read_checkpoint(checkpoint)["state_dict"]
     models = {}
     for name in variants:
-        run = real_photos.RUNS[name]
-        model = real_photos.import_class(run.model_class)(**real_photos.model_kwargs(run, data, source)).eval()
+        model = real_photos.build(real_photos.RUNS[name], source, cache=None)[0].eval()
         try:
             missing, unexpected = model.load_state_dict(state, strict=False)
         except (RuntimeError, ValueError) as err:  # a shape that differs; another backbone normalisation
@@ -205,11 +204,11 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"--checkpoint {args.checkpoint}: no such file (a single-stage run's best.ckpt of benchmarks/real_photos.py)")
     torch.set_num_threads(args.threads)
     # every variant reads the same data: the originals with the 448 px source view (the runner's ts_* runs)
-    data = real_photos.build_datamodule(source, args.workers, **real_photos.SOURCE_DATA)
+    data = real_photos.build_datamodule(real_photos.RUNS[variants[0]], source, cache=None, extra=real_photos.data_options(num_workers=args.workers))
     data.setup("test")
     if args.limit:
         data.datasets["test"].samples = data.datasets["test"].samples[: args.limit]
-    models = load_models(args.checkpoint, data, variants, source)
+    models = load_models(args.checkpoint, variants, source)
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     parts, labels, gt = evaluate(models, data.test_dataloader(), args.oracle_padding)

@@ -1,7 +1,8 @@
 """Inference cost of the real-photo runs of ``benchmarks/real_photos.py`` against single-stage (issue 13 §4).
 
-Builds each named run's model exactly as the runner does (EfficientNet-Lite0 at 224 with ``--weights`` and
-``--mean``/``--std``, its settings and data on ``--root``, :mod:`benchmarks.real_data`), feeds it one real batch of
+Builds each named run's model and data exactly as the runner does, from the run's config by the project's CLI
+(:func:`benchmarks.real_photos.build`: EfficientNet-Lite0 at 224 with ``--weights`` and ``--mean``/``--std``, its
+settings and data on ``--root``, :mod:`benchmarks.real_data`), feeds it one real batch of
 ``--batch-size`` test photos (the view and, where the data yields it, the 448 px source view), and reports, per
 image, in eval mode under ``torch.inference_mode``:
 
@@ -34,13 +35,12 @@ from benchmarks.real_data import RealData  # noqa: E402
 def build(name: str, source: RealData, batch_size: int = 8, cache: Path = real_data.DEFAULT_CACHE):
     """Run ``name``'s model (eval mode) and one batch of ``batch_size`` test photos of ``source`` as the runner's data
     yields them (through ``source``'s resized cache under ``cache`` unless the run reads the originals)."""
-    run = real_photos.RUNS[name]
-    data = real_photos.build_datamodule(source, 0, cache=cache, **{**run.data, "batch_size": batch_size})
+    options = real_photos.data_options(batch_size=batch_size, num_workers=0)
+    model, data = real_photos.build(real_photos.RUNS[name], source, cache, extra=options)
     data.prepare_data()  # writes the resized cache of a run that reads one, when it is not there yet
     data.setup("test")
     batch = next(iter(data.test_dataloader()))
-    model = real_photos.import_class(run.model_class)(**real_photos.model_kwargs(run, data, source)).eval()
-    return model, batch
+    return model.eval(), batch
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -69,15 +69,11 @@ def weights(tmp_path_factory) -> Path:
     return path
 
 
-class Data:  # the class facts the runner takes from the DataModule: the generated CUB's 4 classes
-    num_classes = 4
-
-
 def runner_checkpoint(path: Path, cub_root: Path, weights: Path, **overrides) -> Path:
-    """The runner's ``ts_single`` model on these photos and weights (nothing trained), saved as a checkpoint."""
+    """The runner's ``ts_single`` model on these photos and weights, built from its config by the CLI (nothing
+    trained), saved as a checkpoint."""
     source = real_data.RealData(root=cub_root, weights=weights, **overrides)
-    run = real_photos.RUNS["ts_single"]
-    return save_checkpoint(path, real_photos.import_class(run.model_class)(**real_photos.model_kwargs(run, Data(), source)))
+    return save_checkpoint(path, real_photos.build(real_photos.RUNS["ts_single"], source, cache=None)[0])
 
 
 def test_real_photos_two_stage_on_other_photos_and_weights(cub_root, weights, tmp_path, capsys):

@@ -1,8 +1,8 @@
 """benchmarks/box_quality.py.
 
 - On anyone's photos and weights (the generated CUB of ``tests/conftest.py``, a saved random EfficientNet-Lite0 state
-  dict) with two tiny checkpoints built with the runner's kwargs (nothing trained): each ``--checkpoint NAME=PATH``
-  adds its own localiser as trained, one row named ``NAME`` at that checkpoint's side -- a single-stage model's
+  dict) with two tiny checkpoints of the runner's runs, built from their configs by the CLI (nothing trained): each
+  ``--checkpoint NAME=PATH`` adds its own localiser as trained, one row named ``NAME`` at that checkpoint's side -- a single-stage model's
   ``img_size`` with the two-stage defaults for the rule, a two-stage model's ``localize_size`` with its own
   response -- and ``--out`` writes the same rows and columns to ``boxes.csv``.
 - A ``--root`` pointing nowhere, and checkpoints that are not an mgff classifier's, exit naming the path.
@@ -37,10 +37,6 @@ VIEW = ["--resize", "72", "--crop", "64", "--source-size", "128"]
 SINGLE_STAGE_SIDE = 96  # the tiny single-stage checkpoint's img_size: neither the view's side nor the source's
 
 
-class Data:  # the class facts the runner takes from the DataModule: the generated CUB's 4 classes
-    num_classes = 4
-
-
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory) -> Path:
     """Anyone's EfficientNet-Lite0 weights: a random state dict under timm's names."""
@@ -59,12 +55,11 @@ def checkpoints(cub_root, weights, tmp_path_factory) -> dict[str, Path]:
     its map at 128 px (``localize_size``). Saved as the CLI saves a checkpoint; no training."""
     folder = tmp_path_factory.mktemp("checkpoints")
     source = real_data.RealData(root=cub_root, weights=weights)
-    single = real_photos.model_kwargs(real_photos.RUNS["linear_best"], Data(), source)
-    two_stage = real_photos.model_kwargs(real_photos.RUNS["ts_energy_source"], Data(), source)
-    return {
-        "single": save_checkpoint(folder / "single.ckpt", FineGrainedClassifier(**{**single, "img_size": SINGLE_STAGE_SIDE})),
-        "two_stage": save_checkpoint(folder / "two_stage.ckpt", TwoStageClassifier(**{**two_stage, "img_size": 64, "crop_size": 64, "localize_size": 128})),
-    }
+    single = real_photos.build(real_photos.RUNS["linear_best"], source, cache=None, extra=real_photos.model_options(img_size=SINGLE_STAGE_SIDE))[0]
+    two_stage = real_photos.build(real_photos.RUNS["ts_energy_source"], source, cache=None,
+                                  extra=real_photos.model_options(img_size=64, crop_size=64, localize_size=128))[0]
+    assert isinstance(single, FineGrainedClassifier) and isinstance(two_stage, TwoStageClassifier)
+    return {"single": save_checkpoint(folder / "single.ckpt", single), "two_stage": save_checkpoint(folder / "two_stage.ckpt", two_stage)}
 
 
 def test_each_checkpoint_adds_its_own_localiser_at_its_side_and_the_csv_has_the_table(cub_root, weights, checkpoints, tmp_path):

@@ -17,12 +17,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import head_probe, real_data, real_photos  # noqa: E402
 
 
+def at_side(side: int, resize: int) -> real_photos.Run:
+    """The probe's run with its data and model at ``side`` px."""
+    return real_photos.RUNS["linear_best"].with_overrides(*real_photos.data_options(resize_size=resize, crop_size=side),
+                                                          *real_photos.model_options(img_size=side))
+
+
 @pytest.fixture
 def tiny_inputs(monkeypatch):
     """The runner's data and model at 64 px (maps 40x8x8, 112x4x4, 1280x2x2), so the probe takes seconds."""
-    monkeypatch.setitem(real_photos.DATA, "resize_size", 72)
-    monkeypatch.setitem(real_photos.DATA, "crop_size", 64)
-    monkeypatch.setitem(real_photos.COMMON, "img_size", 64)
+    monkeypatch.setattr(head_probe, "PROBE_RUN", at_side(64, 72))
 
 
 @pytest.fixture
@@ -70,8 +74,7 @@ def test_every_head_over_two_seeds_with_the_maps_computed_once(tiny_inputs, cub_
     assert len(computed) == 1 and second["maps"]["source"] == "disk"
     assert "read from the disk cache" in (tmp_path / "out" / "results.md").read_text()
     # another image size or other weights: other maps, computed again into their own file
-    monkeypatch.setitem(real_photos.DATA, "crop_size", 56)
-    monkeypatch.setitem(real_photos.COMMON, "img_size", 56)
+    monkeypatch.setattr(head_probe, "PROBE_RUN", at_side(56, 72))
     third = head_probe.main(probe_args(cub_root, weights, tmp_path, "--heads", "linear", "--epochs", "1", "--seeds", "0"))
     assert len(computed) == 2 and third["maps"]["source"] == "computed" and len(list((tmp_path / "cache").rglob("*.pt"))) == 2
 

@@ -12,7 +12,7 @@ import re
 import sys
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Literal
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
@@ -121,6 +121,16 @@ class MGFFCLI(LightningCLI):
         )
         parser.add_lightning_class_args(PredictionCSVWriter, "prediction_writer")
         parser.add_lightning_class_args(PreemptionCheckpoint, "preemption")
+        # read by ``python -m mgff.fit`` only; every subcommand accepts it, so one config serves all of them
+        parser.add_argument(
+            "--test_checkpoints",
+            type=list[Literal["best", "last", "last_raw"]],
+            default=["best"],
+            help="what mgff.fit tests after fitting, the first as the run's test/* metrics and test_predictions.csv, "
+            "the others as test_<name>/* and test_predictions_<name>.csv: best (the best-validation checkpoint), last "
+            "(the last epoch's), last_raw (the last epoch's raw weights where an EMA of the weights was trained: the "
+            "run without the average)",
+        )
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
         trainer = super().instantiate_trainer(**kwargs)

@@ -2,7 +2,10 @@
 
 The run: fit with checkpoints selected on the validation split; then the test split is evaluated
 once with the best checkpoint; the final metrics go to ``<run dir>/metrics.json`` and a one-line
-summary is printed. ``--ckpt_path`` resumes a stopped run from its checkpoint.
+summary is printed. ``test_checkpoints`` (a config key) chooses the model a run reports by a fixed rule instead,
+e.g. ``[last, best, last_raw]``: the last epoch's weights are the run's ``test/*``, and the best-validation
+checkpoint and the last epoch's raw (un-averaged) weights are reported beside them as ``test_best/*`` and
+``test_last_raw/*``, each with its ``test_predictions_<name>.csv``. ``--ckpt_path`` resumes a stopped run from its checkpoint.
 
 Under DDP (``--trainer.strategy ddp``, or ``srun`` on SLURM) every rank runs this function: fit and
 test are collective (the test split is evaluated once, sharded over the ranks without duplicates),
@@ -79,8 +82,53 @@ def cpu_seconds_so_far() -> float:
     return total
 
 
+def last_checkpoint_path(trainer) -> str | None:
+    """The checkpoint of the last epoch: the CLI's unmonitored ``last_checkpoint`` (``last.ckpt``)."""
+    for callback in trainer.checkpoint_callbacks:
+        if getattr(callback, "monitor", "") is None and (callback.last_model_path or callback.best_model_path):
+            return callback.last_model_path or callback.best_model_path
+    return None
+
+
+def test_checkpoint(
+    trainer, model, datamodule, name: str, best_path: str | None, last_path: str | None, prefix: str = "test"
+) -> tuple[str | None, dict]:
+    """Test one of ``best``, ``last``, ``last_raw`` (see ``--test_checkpoints``); its per-image rows go to
+    ``test_predictions.csv`` (``prefix == "test"``) or ``test_predictions_<name>.csv``. Returns the path tested and
+    what ``trainer.test`` returned."""
+    from mgff.callbacks.test_predictions import TestPredictionWriter
+
+    writers = [cb for cb in trainer.callbacks if isinstance(cb, TestPredictionWriter)]
+    filenames = [w.filename for w in writers]
+    if prefix != "test":
+        for writer in writers:
+            writer.filename = f"test_predictions_{name}.csv"
+    try:
+        if name == "best":
+            tested = trainer.test(model, datamodule=datamodule, ckpt_path=best_path or None, verbose=False)
+            return best_path, (tested[0] if tested else {})
+        path = last_path
+        if path is None:
+            raise ValueError(f"test_checkpoints names {name!r}, and this run wrote no last.ckpt (last_checkpoint)")
+        if name == "last":
+            tested = trainer.test(model, datamodule=datamodule, ckpt_path=path, verbose=False)
+            return path, (tested[0] if tested else {})
+        # last_raw: the weights trained, not their average (an EMA run's checkpoints hold the average as state_dict)
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        if "current_model_state" not in saved:
+            raise ValueError(f"test_checkpoints names 'last_raw': {path} holds no raw weights (current_model_state); "
+                             "they exist only in a run with a WeightAveraging callback such as mgff.callbacks.EMAWeights")
+        model.load_state_dict(saved["current_model_state"])
+        tested = trainer.test(model, datamodule=datamodule, verbose=False)
+        return f"{path}:current_model_state", (tested[0] if tested else {})
+    finally:
+        for writer, filename in zip(writers, filenames):
+            writer.filename = filename
+
+
 def run(args: list[str] | None = None) -> dict[str, Any]:
-    """Fit, test the best checkpoint, write ``metrics.json``; return the metrics (on every rank)."""
+    """Fit, test the best checkpoint (or what ``--test_checkpoints`` names), write ``metrics.json``; return the
+    metrics (on every rank)."""
     cli = FitCLI(run=False, args=args)
     trainer, model, datamodule = cli.trainer, cli.model, cli.datamodule
     start, cpu_start = time.perf_counter(), cpu_seconds_so_far()
@@ -100,12 +148,18 @@ def run(args: list[str] | None = None) -> dict[str, Any]:
     # the monitored ModelCheckpoint (the CLI's ``checkpoint``), not ``last_checkpoint``
     checkpoint = next((cb for cb in trainer.checkpoint_callbacks if getattr(cb, "monitor", None)), trainer.checkpoint_callback)
     best_path = checkpoint.best_model_path if checkpoint is not None and checkpoint.best_model_path else None
-    tested = trainer.test(model, datamodule=datamodule, ckpt_path=best_path or None, verbose=False)
-    metrics: dict[str, Any] = {k: float(v) for k, v in (tested[0] if tested else {}).items()}
+    metrics: dict[str, Any] = {}
+    tested_paths: dict[str, str | None] = {}
+    last_path = last_checkpoint_path(trainer)  # now: testing a checkpoint restores the callbacks' states saved in it
+    for i, name in enumerate(cli.config.get("test_checkpoints") or ["best"]):
+        prefix = "test" if i == 0 else f"test_{name}"
+        tested_paths[name], tested = test_checkpoint(trainer, model, datamodule, name, best_path, last_path, prefix)
+        metrics.update({k.replace("test/", f"{prefix}/", 1): float(v) for k, v in tested.items()})
     if checkpoint is not None and checkpoint.best_model_score is not None:
         metrics["best_val/acc"] = float(checkpoint.best_model_score)
     metrics.update(
         {
+            "tested_checkpoints": tested_paths,
             "best_checkpoint": best_path,
             "epochs": trainer.current_epoch,
             "global_step": trainer.global_step,

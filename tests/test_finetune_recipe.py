@@ -216,14 +216,15 @@ class RecordWeights(L.Callback):
 
     def __init__(self) -> None:
         self.validated: dict[int, torch.Tensor] = {}
-        self.tested: torch.Tensor | None = None
+        self.tested: list[torch.Tensor] = []
 
     def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
         if not trainer.sanity_checking:
             self.validated[trainer.current_epoch] = pl_module.head.classifier.weight.detach().clone()
 
     def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
-        self.tested = pl_module.head.classifier.weight.detach().clone()
+        if batch_idx == 0:  # one entry per test pass
+            self.tested.append(pl_module.head.classifier.weight.detach().clone())
 
 
 RECORD: RecordWeights | None = None
@@ -238,7 +239,7 @@ class GlobalRecord(RecordWeights):
         RECORD = self
 
 
-def ema_config(path: Path, run_dir: Path, cub_root: Path, *, stop_at: int | None = None, record: bool = False) -> Path:
+def ema_config(path: Path, run_dir: Path, cub_root: Path, *, stop_at: int | None = None, record: bool = False, tests=("last", "best", "last_raw")) -> Path:
     callbacks = [{"class_path": "mgff.callbacks.EMAWeights", "init_args": {"horizon_epochs": 1.0}}]
     if record:
         callbacks.append({"class_path": f"{__name__}.GlobalRecord"})
@@ -246,6 +247,7 @@ def ema_config(path: Path, run_dir: Path, cub_root: Path, *, stop_at: int | None
         callbacks.append({"class_path": "test_resume.SignalAtStep", "init_args": {"step": stop_at}})
     config = {
         "seed_everything": 7,
+        "test_checkpoints": list(tests),
         "trainer": {
             "accelerator": "cpu", "devices": 1, "max_epochs": 2, "deterministic": True, "enable_progress_bar": False,
             "enable_model_summary": False, "log_every_n_steps": 1, "default_root_dir": str(run_dir),
@@ -280,11 +282,28 @@ def test_the_averaged_weights_are_validated_checkpointed_and_tested(ema_run):
     raw = checkpoint["current_model_state"]["head.classifier.weight"]
     assert not torch.equal(saved, raw)  # the average is not the raw weights...
     assert torch.equal(record.validated[epoch], saved)  # ...and is what that epoch validated
-    assert torch.equal(record.tested, saved)  # mgff.fit's test of the best checkpoint reads the average too
-    loaded = FineGrainedClassifier.load_from_checkpoint(best, map_location="cpu")
-    assert torch.equal(loaded.head.classifier.weight, saved)
     last = checkpoint_of(run_dir, "last.ckpt")
     assert "averaging_state" in last and "current_model_state" in last  # what a resume needs
+    # test_checkpoints [last, best, last_raw]: mgff.fit's tests read the averages, then the last raw weights
+    assert len(record.tested) == 3
+    assert torch.equal(record.tested[0], last["state_dict"]["head.classifier.weight"])
+    assert torch.equal(record.tested[1], saved)
+    assert torch.equal(record.tested[2], last["current_model_state"]["head.classifier.weight"])
+    assert {"test/acc", "test_best/acc", "test_last_raw/acc"} <= set(metrics)
+    assert metrics["tested_checkpoints"]["best"] == str(best)
+    run = run_dir / "run" / "version_0"
+    assert all((run / f).is_file() for f in ("test_predictions.csv", "test_predictions_best.csv", "test_predictions_last_raw.csv"))
+    loaded = FineGrainedClassifier.load_from_checkpoint(best, map_location="cpu")
+    assert torch.equal(loaded.head.classifier.weight, saved)
+
+
+def test_last_raw_needs_a_run_with_an_average(cub_root, tmp_path):
+    config = ema_config(tmp_path / "config.yaml", tmp_path, cub_root, tests=("best", "last_raw"))
+    plain = yaml.safe_load(config.read_text())
+    plain["trainer"]["callbacks"], plain["trainer"]["max_epochs"] = [], 1
+    config.write_text(yaml.safe_dump(plain))
+    with pytest.raises(ValueError, match=r"last_raw.*holds no raw weights.*EMAWeights"):
+        fit_run(["--config", str(config)])
 
 
 def test_a_resume_in_the_middle_of_an_epoch_restores_the_average(ema_run, cub_root, tmp_path):

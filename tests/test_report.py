@@ -52,7 +52,7 @@ def test_two_seeds_of_one_config_form_one_group(runs, tmp_path):
     text = report_main([str(runs), "--csv", str(tmp_path / "table.csv")])
     rows = table_rows(text)
     assert set(rows) == {"lr=0.002", "lr=0.001"}  # the only key that differs once seeds and locations are ignored
-    group, count, seeds, test_acc, val_acc, epochs, fit_time = rows["lr=0.002"]
+    group, count, seeds, test_acc, val_acc, epochs, fit_time, cpu_time = rows["lr=0.002"]
     assert (count, seeds, epochs) == ("2", "0 1", "1")
     accs = [json.loads((p.parent / "metrics.json").read_text())["test/acc"] for p in sorted((runs / "a").rglob("metrics.json")) + sorted((runs / "b").rglob("metrics.json"))]
     assert test_acc == f"{np.mean(accs):.4f} ± {np.std(accs, ddof=1):.4f}"

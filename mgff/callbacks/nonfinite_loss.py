@@ -98,7 +98,7 @@ class StopOnNonFiniteLoss(L.Callback):
         """Raise on every rank if ``found`` (this rank's non-finite values) or a non-finite parameter or
         buffer of ``pl_module`` is reported on any rank."""
         bad_tensor = first_nonfinite_tensor(pl_module)
-        for callback in trainer.callbacks:  # the averaged weights, which validation and the checkpoints use
+        for callback in getattr(trainer, "callbacks", []):  # the averaged weights, which validation and the checkpoints use
             average = getattr(callback, "_average_model", None) if isinstance(callback, WeightAveraging) else None
             if bad_tensor is None and average is not None:
                 bad_average = first_nonfinite_tensor(average.module)

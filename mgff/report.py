@@ -13,6 +13,14 @@ and the worker and device counts (``data.init_args.num_workers``, ``trainer.devi
 ``trainer.num_nodes``). A group is named by the config keys and values that differ between groups, each
 key shortened to the last part(s) that tell it apart (``lr=0.001,head=linear``); one group is ``all``.
 
+**Other runners' folders.** A run folder whose ``config.yaml`` has a top-level key of :data:`RUNNER_KEYS`
+(``probe``: ``benchmarks/head_probe.py``, a head trained on a frozen backbone's cached maps) is a run of that
+runner: grouped the same way, but labelled among that runner's groups alone, with as few of their differing keys
+as tell them apart (in key order, each key that separates groups the keys before it left together), after the
+runner's name: ``probe`` (one group), ``probe:head=linear``. The ``mgff.fit`` groups keep the labels they have
+without such folders (a lone one is ``fit`` instead of ``all``), so a probe and fine-tunes of the same photos
+are compared with ``--compare probe:head=linear <fit group>``.
+
 **Table.** Markdown, one row per group: runs, seeds, mean ± sd over runs (sample sd, n-1) of ``test/acc``
 and of the best ``val/acc`` (``metrics.json``), epochs, fit time and CPU time (means over runs; the CPU time of
 the fit, user + system, loader workers included, from ``cpu_seconds``, which runs made before mgff recorded it
@@ -21,7 +29,8 @@ lack: ``-``, or the mean over the runs that have it, with their count). ``--csv 
 **``--compare A B``** (group labels; repeatable): the difference ``test/acc(B) - test/acc(A)`` with the pooled
 paired bootstrap 95 % interval (:func:`mgff.stats.pooled_paired_bootstrap`): the runs of A and B are paired
 by seed, each pair's per-image results come from ``test_predictions.csv`` (written by the run's own test),
-and every pair must cover the same test images.
+paired by the test dataset's ``index``, and every run must cover the same test images: the same indices and,
+where both files have a ``path`` column, the same image path at each index.
 
 **``--plot FILE``**: each group's ``val/acc`` per epoch from the runs' CSV logs (``metrics.csv``): the mean
 over its runs and the range (min to max). A run without a CSV log is left out of the plot, with a note.
@@ -44,7 +53,7 @@ import yaml
 
 from mgff.stats import pooled_paired_bootstrap
 
-__all__ = ["IGNORED_KEYS", "Group", "Run", "find_runs", "group_runs", "markdown_table", "compare", "plot_val_curves", "main"]
+__all__ = ["IGNORED_KEYS", "RUNNER_KEYS", "Group", "Run", "find_runs", "group_runs", "markdown_table", "compare", "plot_val_curves", "main"]
 
 #: config keys (dotted, ``fnmatch`` patterns; list items as ``key[i]``) that do not separate groups
 IGNORED_KEYS: tuple[str, ...] = (
@@ -62,6 +71,9 @@ IGNORED_KEYS: tuple[str, ...] = (
     "trainer.devices",
     "trainer.num_nodes",
 )
+
+#: top-level config keys that mark a run folder of another runner than ``mgff.fit`` (see the module's doc)
+RUNNER_KEYS: tuple[str, ...] = ("probe",)
 
 TEST_PREDICTIONS = "test_predictions.csv"
 CSV_LOG = "metrics.csv"
@@ -151,22 +163,50 @@ def ignored(key: str) -> bool:
 
 # ----- grouping ------------------------------------------------------------------------------------
 def group_runs(runs: Sequence[Run]) -> list[Group]:
-    """Groups of ``runs`` (see the module's doc), in the order of their first run, labelled by what differs."""
+    """Groups of ``runs`` (see the module's doc), in the order of their first run, labelled by what differs
+    (another runner's groups among their own, see :data:`RUNNER_KEYS`)."""
     by_config: dict[tuple, list[Run]] = {}
     for run in runs:
         by_config.setdefault(tuple(sorted((k, v) for k, v in run.config.items() if not ignored(k))), []).append(run)
     configs = [dict(key) for key in by_config]
-    all_keys = sorted({k for config in configs for k in config})
-    differing = [k for k in all_keys if len({config.get(k) for config in configs}) > 1]
-    short = short_names(differing)
+    kinds = [runner_of(config) for config in configs]
+    labels: list[str] = [""] * len(configs)
+    settings: list[dict[str, str]] = [{} for _ in configs]
+    for kind in dict.fromkeys(kinds):
+        family = [i for i, k in enumerate(kinds) if k == kind]
+        all_keys = sorted({k for i in family for k in configs[i]})
+        differing = [k for k in all_keys if len({configs[i].get(k) for i in family}) > 1]
+        if kind:
+            differing = telling_keys([configs[i] for i in family], differing)
+        short = short_names(differing)
+        for i in family:
+            settings[i] = {k: configs[i].get(k, "unset") for k in differing}
+            label = ",".join(f"{short[k]}={_display(k, v)}" for k, v in settings[i].items())
+            if kind:
+                labels[i] = f"{kind}:{label}" if label else kind
+            else:
+                labels[i] = label or ("fit" if len(set(kinds)) > 1 else "all")
     groups: list[Group] = []
-    for config, members in zip(configs, by_config.values()):
-        settings = {k: config.get(k, "unset") for k in differing}
-        label = ",".join(f"{short[k]}={_display(k, v)}" for k, v in settings.items()) or "all"
+    for label, setting, members in zip(labels, settings, by_config.values()):
         if any(g.label == label for g in groups):  # values that only differ in what the label drops
             label += f"#{len(groups) + 1}"
-        groups.append(Group(label, members, settings))
+        groups.append(Group(label, members, setting))
     return groups
+
+
+def runner_of(config: dict[str, str]) -> str:
+    """The key of :data:`RUNNER_KEYS` that a flattened config has at its top level, ``""`` for an ``mgff.fit`` run."""
+    return next((kind for kind in RUNNER_KEYS if any(k == kind or k.startswith((f"{kind}.", f"{kind}[")) for k in config)), "")
+
+
+def telling_keys(configs: Sequence[dict[str, str]], keys: Sequence[str]) -> list[str]:
+    """Of ``keys`` (in their order), each one that separates configs the keys before it left together: as few as
+    tell ``configs`` apart when ``keys`` do."""
+    chosen: list[str] = []
+    for key in keys:
+        if len({tuple(c.get(k) for k in [*chosen, key]) for c in configs}) > len({tuple(c.get(k) for k in chosen) for c in configs}):
+            chosen.append(key)
+    return chosen
 
 
 def short_names(keys: Sequence[str]) -> dict[str, str]:
@@ -268,6 +308,12 @@ def _seed_order(run: Run) -> tuple[bool, int, str]:
 # ----- comparison ----------------------------------------------------------------------------------
 def read_test_predictions(run: Run) -> tuple[np.ndarray, np.ndarray]:
     """``(index (N,), correct (N,) bool)`` of a run's ``test_predictions.csv``, sorted by dataset index."""
+    index, correct, _ = _read_test_rows(run)
+    return index, correct
+
+
+def _read_test_rows(run: Run) -> tuple[np.ndarray, np.ndarray, list[str] | None]:
+    """:func:`read_test_predictions` and the image paths in the same order (``None`` without a ``path`` column)."""
     path = run.path / TEST_PREDICTIONS
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing (the run predates mgff writing it, or its test did not finish)")
@@ -278,7 +324,8 @@ def read_test_predictions(run: Run) -> tuple[np.ndarray, np.ndarray]:
     index = np.array([int(r["index"]) for r in rows])
     correct = np.array([r["correct"] == "1" for r in rows])
     order = np.argsort(index, kind="stable")
-    return index[order], correct[order]
+    paths = [rows[i]["path"] for i in order] if "path" in rows[0] else None
+    return index[order], correct[order], paths
 
 
 def compare(a: Group, b: Group, samples: int = 10000, seed: int = 0) -> str:
@@ -294,15 +341,21 @@ def compare(a: Group, b: Group, samples: int = 10000, seed: int = 0) -> str:
     runs_b = {r.seed: r for r in b.runs if r.seed is not None}
     for name, own, other in ((a.label, runs_a, runs_b), (b.label, runs_b, runs_a)):
         notes += [f"seed {s} of {name} has no run in the other group" for s in sorted(set(own) - set(other))]
-    pairs, seeds, images, reference = [], [], None, None
+    pairs, seeds, images, reference, paths, path_reference = [], [], None, None, None, None
     for s in sorted(set(runs_a) & set(runs_b)):
-        index_a, correct_a = read_test_predictions(runs_a[s])
-        index_b, correct_b = read_test_predictions(runs_b[s])
-        for index, run in ((index_a, runs_a[s]), (index_b, runs_b[s])):
+        index_a, correct_a, paths_a = _read_test_rows(runs_a[s])
+        index_b, correct_b, paths_b = _read_test_rows(runs_b[s])
+        for index, names, run in ((index_a, paths_a, runs_a[s]), (index_b, paths_b, runs_b[s])):
             if images is None:
                 images, reference = index, run.path / TEST_PREDICTIONS
             elif not np.array_equal(index, images):
                 raise ValueError(f"{run.path / TEST_PREDICTIONS} covers other test images ({len(index)}) than {reference} ({len(images)})")
+            if names is not None and paths is None:
+                paths, path_reference = names, run.path / TEST_PREDICTIONS
+            elif names is not None and names != paths:
+                i = next(i for i, (x, y) in enumerate(zip(names, paths)) if x != y)
+                raise ValueError(f"{run.path / TEST_PREDICTIONS} has other images than {path_reference} at the same index "
+                                 f"(index {images[i]}: {names[i]!r}, there {paths[i]!r}): other photos or another split")
         pairs.append((correct_a, correct_b))
         seeds.append(s)
     if not pairs:

@@ -130,3 +130,44 @@ def test_grouping_ignores_seed_locations_versions_and_counts():
     assert [(g.label, len(g.runs)) for g in groups] == [  # keys in sorted order, each as short as still unique
         ("data.lr=1,head=mgff,model.lr=0.002", 2), ("data.lr=1,head=linear,model.lr=0.01", 1), ("data.lr=2,head=mgff,model.lr=0.002", 1),
     ]
+
+
+def test_another_runners_groups_are_labelled_among_themselves_by_the_keys_that_tell_them_apart():
+    """``probe:`` configs (benchmarks/head_probe.py) beside mgff.fit runs: the fit groups keep the labels they have alone;
+    the probe groups are named after the runner, by as few of their differing keys as tell them apart."""
+    def fit(name: str, lr: str) -> Run:
+        return Run(Path(name), {"seed_everything": "0", "model.init_args.lr": lr, "model.init_args.head": '"linear"'}, {}, 0)
+
+    def probe(name: str, head: str, lr: str = "0.001", **overrides: str) -> Run:
+        config = {"seed_everything": "0", "probe.head": json.dumps(head), "probe.head_overrides.head": json.dumps(head.split("_")[0]),
+                  "probe.recipe.lr": lr, **{f"probe.head_overrides.{k}": v for k, v in overrides.items()}}
+        return Run(Path(name), config, {}, 0)
+
+    fits = [fit("a", "0.002"), fit("b", "0.001")]
+    assert [g.label for g in group_runs(fits)] == ["lr=0.002", "lr=0.001"]
+    probes = [probe("p", "linear"), probe("q", "mgff_no_se", use_se="false"), probe("r", "linear", "0.003"), probe("s", "linear")]
+    groups = group_runs([*fits, *probes])
+    # head alone tells linear from mgff_no_se apart, the lr the two linear recipes; the overrides follow from the head
+    assert [(g.label, [r.path.name for r in g.runs]) for g in groups] == [
+        ("lr=0.002", ["a"]), ("lr=0.001", ["b"]), ("probe:head=linear,lr=0.001", ["p", "s"]), ("probe:head=mgff_no_se,lr=0.001", ["q"]),
+        ("probe:head=linear,lr=0.003", ["r"]),
+    ]
+    assert groups[2].settings == {"probe.head": '"linear"', "probe.recipe.lr": "0.001"}
+    # one group of each: the runner's name, and fit (not "all", which would name the probe's runs too)
+    assert [g.label for g in group_runs([fits[0], probes[0]])] == ["fit", "probe"]
+    assert [g.label for g in group_runs([probes[0], probes[3]])] == ["probe"]
+
+
+def test_compare_refuses_runs_with_other_images_at_the_same_index(runs, tmp_path):
+    """Pairs are made by the test dataset's index; runs of other photos or another split with as many test images have
+    other paths there, and are refused instead of paired."""
+    moved = tmp_path / "other_photos"
+    shutil.copytree(next((runs / "c").rglob("metrics.json")).parent, moved)
+    rows = list(csv.DictReader(open(moved / "test_predictions.csv", newline="")))
+    rows[3]["path"], rows[5]["path"] = rows[5]["path"], rows[3]["path"]
+    with open(moved / "test_predictions.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    with pytest.raises(SystemExit, match=r"other_photos/test_predictions.csv has other images than .* at the same index \(index 3: "):
+        report_main([str(runs / "a"), str(moved), "--compare", "lr=0.002", "lr=0.001"])

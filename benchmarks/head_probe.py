@@ -29,6 +29,25 @@ auxiliary pooling loss). Each head is the classifier's own: the run's model with
 top-1 reported: mean ± sd over seeds and, per head, the pooled paired bootstrap interval of
 ``acc(head) - acc(linear)`` over the seeds' per-image correctness (:func:`mgff.stats.pooled_paired_bootstrap`).
 
+Every head and seed is also a run folder that ``python -m mgff.report`` reads as it reads an ``mgff.fit`` run,
+``<out>/<head>/seed<k>/`` (:func:`write_run`):
+
+- ``config.yaml``: ``seed_everything: k`` and a ``probe:`` mapping (the head and its model overrides, the run the
+  backbone and split come from, the maps' cache key: root, sample lists, weights file and its SHA-1,
+  normalisation, sizes, backbone, stages; the recipe), so the seeds of one head and recipe form one group,
+  labelled ``probe:head=<head>`` (``probe`` when it is the only one; see :data:`mgff.report.RUNNER_KEYS`);
+- ``test_predictions.csv``: the columns of ``mgff.fit``'s :class:`~mgff.callbacks.TestPredictionWriter`
+  (``index,path,label,label_name,pred,pred_name,prob,correct,top1_name,top1_prob...``), ``index`` the test
+  dataset's and ``path`` the photo's path relative to the root, as an ``mgff.fit`` run of the same photos writes
+  them, so ``--compare`` pairs a probe with fine-tunes image by image:
+  ``python -m mgff.report runs/head_probe runs/sweep --compare probe:head=linear <fit group>`` (seeds paired
+  by number);
+- ``metrics.csv`` (``val/acc`` per epoch, for ``--plot``) and, last, ``metrics.json`` in ``mgff.fit``'s format
+  (``test/acc``, ``test/acc5``, ``best_val/acc``, ``epochs``, ``global_step``, ``fit_seconds`` / ``cpu_seconds``:
+  the head's training and evaluation, the shared maps not included (``maps_seconds``), ``num_classes``;
+  ``best_checkpoint`` is null: the head's weights are not saved). A diverged seed leaves ``config.yaml`` alone
+  (report lists it as skipped).
+
 What it tells: ``multiscale_linear`` (the residual head with attention, SE and GCN off: align convs + mean over
 positions of all scales, through the zero-initialised fused classifier) against ``linear`` says whether the
 earlier maps add anything a linear read-out can use, and the control ``fused_last_map`` (the same fused path on
@@ -46,12 +65,14 @@ costs (about 0.6 GFLOP per image and training step for ``mgff``, compute-bound o
     OMP_NUM_THREADS=1 nice -n 5 python benchmarks/head_probe.py
     python benchmarks/head_probe.py --heads linear,multiscale_linear,mgff --epochs 30 --seeds 0,1,2,3,4 --out runs/head_probe
     python benchmarks/head_probe.py --root /data/CUB_200_2011 --weights my_lite0.safetensors --mean 0.485 0.456 0.406 --std 0.229 0.224 0.225
+    python -m mgff.report runs/head_probe runs/sweep --compare probe:head=linear <fit group label>
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import hashlib
 import json
 import math
@@ -63,6 +84,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from torch import Tensor
 
 if __package__ in (None, ""):
@@ -142,6 +164,7 @@ class MapSplit:
         labels: ``(V * N,)`` int64, the label of every row.
         views: ``V``.
         stages: the backbone stage of each map (``[2, 3, 4]``).
+        paths: the ``N`` images' paths relative to the root, row ``i`` being the split dataset's index ``i``.
     """
 
     name: str
@@ -149,6 +172,7 @@ class MapSplit:
     labels: Tensor
     views: int = 1
     stages: tuple[int, ...] = ()
+    paths: tuple[str, ...] = ()
 
     @property
     def num_images(self) -> int:
@@ -163,13 +187,14 @@ class MapSplit:
         missing = [s for s in stages if s not in self.stages]
         if missing:
             raise ValueError(f"stages {missing} are not among the cached maps' stages {list(self.stages)}")
-        return MapSplit(self.name, [self.maps[self.stages.index(s)] for s in stages], self.labels, self.views, tuple(stages))
+        return MapSplit(self.name, [self.maps[self.stages.index(s)] for s in stages], self.labels, self.views, tuple(stages), self.paths)
 
 
 @dataclass
 class CachedMaps:
     """The maps of every split, their cache key, where they came from (``computed`` / ``disk``), the seconds
-    that took now and the seconds their computation took (when read from disk: the run that wrote them)."""
+    that took now and the seconds their computation took (when read from disk: the run that wrote them), and the
+    DataModule's class names (index = label)."""
 
     splits: dict[str, MapSplit]
     key: dict[str, Any]
@@ -177,6 +202,7 @@ class CachedMaps:
     seconds: float
     compute_seconds: float
     path: Path
+    class_names: tuple[str, ...] = ()
 
 
 def probe_model(source: RealData, overrides: dict[str, Any] | None = None, weights: bool = True, seed: int | None = None):
@@ -270,16 +296,20 @@ def load_or_compute_maps(source: RealData, cache: Path = DEFAULT_CACHE, log=prin
     model = probe_model(source)
     key = map_cache_key(source, data, model)
     path = cache_path(source, key, cache)
+    # row i of a split is its dataset's index i (compute_maps checks it; the key holds the sample lists)
+    paths = {name: tuple(s.path for s in data.datasets[name].samples) for name in ("train", "val", "test")}
+    class_names = tuple(data.class_names)
     start = time.perf_counter()
     if path.is_file():
         stored = torch.load(path, map_location="cpu", weights_only=True)
         if stored.get("key") == key:
-            splits = {name: MapSplit(name, list(s["maps"]), s["labels"], int(s["views"]), tuple(key["stages"])) for name, s in stored["splits"].items()}
+            splits = {name: MapSplit(name, list(s["maps"]), s["labels"], int(s["views"]), tuple(key["stages"]), paths[name])
+                      for name, s in stored["splits"].items()}
             seconds = time.perf_counter() - start
             log(f"maps read from {path} in {seconds:.1f} s", flush=True)
-            return CachedMaps(splits, key, "disk", seconds, float(stored["compute_seconds"]), path), model
+            return CachedMaps(splits, key, "disk", seconds, float(stored["compute_seconds"]), path, class_names), model
         log(f"{path} holds maps of other inputs: computing them again", flush=True)
-    splits = compute_maps(model, data)
+    splits = {name: dataclasses.replace(split, paths=paths[name]) for name, split in compute_maps(model, data).items()}
     seconds = time.perf_counter() - start
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".pt.partial")
@@ -287,7 +317,7 @@ def load_or_compute_maps(source: RealData, cache: Path = DEFAULT_CACHE, log=prin
                     splits={n: dict(maps=s.maps, labels=s.labels, views=s.views) for n, s in splits.items()}), partial)
     partial.replace(path)  # a run stopped while writing leaves no cache file that looks whole
     log(f"maps computed in {seconds:.1f} s, written to {path}", flush=True)
-    return CachedMaps(splits, key, "computed", seconds, seconds, path), model
+    return CachedMaps(splits, key, "computed", seconds, seconds, path, class_names), model
 
 
 # ----- training a head on them ---------------------------------------------------------------------------
@@ -304,12 +334,16 @@ def build_optimizer(head: torch.nn.Module, recipe: Recipe, total_steps: int):
 
 
 @torch.no_grad()
-def evaluate(head: torch.nn.Module, split: MapSplit, batch_size: int = EVAL_BATCH) -> Tensor:
-    """Per-image top-1 correctness ``(N,)`` bool of ``head`` (eval mode) on the first view of ``split``."""
+def predict(head: torch.nn.Module, split: MapSplit, batch_size: int = EVAL_BATCH) -> Tensor:
+    """Class probabilities ``(N, C)`` (softmax of the logits, float32) of ``head`` (eval mode) on the first view of ``split``."""
     head.eval()
     rows = torch.arange(split.num_images)
-    preds = torch.cat([head(split.batch(rows[i:i + batch_size])).logits.argmax(-1) for i in range(0, len(rows), batch_size)])
-    return preds == split.labels[rows]
+    return torch.cat([head(split.batch(rows[i:i + batch_size])).logits.float().softmax(-1) for i in range(0, len(rows), batch_size)])
+
+
+def evaluate(head: torch.nn.Module, split: MapSplit, batch_size: int = EVAL_BATCH) -> Tensor:
+    """Per-image top-1 correctness ``(N,)`` bool of ``head`` (eval mode) on the first view of ``split``."""
+    return predict(head, split, batch_size).argmax(-1) == split.labels[: split.num_images]
 
 
 def train_head(model, splits: dict[str, MapSplit], recipe: Recipe, seed: int) -> dict[str, Any]:
@@ -317,7 +351,10 @@ def train_head(model, splits: dict[str, MapSplit], recipe: Recipe, seed: int) ->
     the best validation top-1 (the first of ties) and test them.
 
     Returns ``val_acc`` (per epoch), ``best_epoch`` (1-based), ``best_val_acc``, ``test_acc``, ``test_correct``
-    (per test image, 0/1), ``cpu_s`` / ``wall_s`` (training and evaluation); or, when the loss stops being finite,
+    (per test image, 0/1), ``cpu_s`` / ``wall_s`` (training and evaluation), ``test_probs`` (``(N, C)`` tensor,
+    the tested weights' class probabilities) and ``fit_metrics`` (unrounded, in ``mgff.fit``'s ``metrics.json``
+    format: ``test/acc``, ``test/acc5``, ``best_val/acc``, ``best_epoch``, ``epochs``, ``global_step``,
+    ``fit_seconds``, ``cpu_seconds``, ``torch_threads``, ``num_classes``); or, when the loss stops being finite,
     ``diverged`` (what happened) and no test figures.
     """
     head = model.head
@@ -345,19 +382,41 @@ def train_head(model, splits: dict[str, MapSplit], recipe: Recipe, seed: int) ->
             loss.backward()
             optimizer.step()
             scheduler.step()
-        val_acc.append(evaluate(head, splits["val"]).float().mean().item())
+        correct = evaluate(head, splits["val"])
+        val_acc.append(correct.sum().item() / len(correct))
         if best < 0 or val_acc[-1] > val_acc[best]:
             best = epoch
             best_state = {k: v.detach().clone() for k, v in head.state_dict().items()}
     head.load_state_dict(best_state)
-    correct = evaluate(head, splits["test"])
+    test = splits["test"]
+    probs = predict(head, test)
+    labels = test.labels[: test.num_images]
+    correct = probs.argmax(-1) == labels
+    top5 = (probs.topk(min(5, probs.shape[1]), dim=-1).indices == labels[:, None]).any(-1)
+    cpu_s, wall_s = time.process_time() - cpu, time.perf_counter() - wall
+    fit_metrics = {
+        "test/acc": correct.sum().item() / len(correct),
+        "test/acc5": top5.sum().item() / len(top5),
+        "best_val/acc": val_acc[best],
+        "best_epoch": best + 1,
+        "best_checkpoint": None,
+        "epochs": recipe.epochs,
+        "global_step": recipe.epochs * steps_per_epoch,
+        "fit_seconds": round(wall_s, 1),
+        "cpu_seconds": round(cpu_s, 1),
+        "torch_threads": torch.get_num_threads(),
+        "num_classes": probs.shape[1],
+    }
     return dict(val_acc=[round(v, 4) for v in val_acc], best_epoch=best + 1, best_val_acc=round(val_acc[best], 4),
                 test_acc=round(correct.float().mean().item(), 4), test_correct=correct.int().tolist(),
-                cpu_s=round(time.process_time() - cpu, 1), wall_s=round(time.perf_counter() - wall, 1))
+                cpu_s=round(cpu_s, 1), wall_s=round(wall_s, 1), test_probs=probs, fit_metrics=fit_metrics)
 
 
-def run_probe(source: RealData, heads: list[str], seeds: list[int], recipe: Recipe, maps: CachedMaps, log=print) -> dict[str, dict[int, dict]]:
-    """Every head of ``heads`` over every seed on ``maps``: ``{head: {seed: train_head's result}}``."""
+def run_probe(source: RealData, heads: list[str], seeds: list[int], recipe: Recipe, maps: CachedMaps, log=print,
+              out: Path | None = None) -> dict[str, dict[int, dict]]:
+    """Every head of ``heads`` over every seed on ``maps``: ``{head: {seed: train_head's result}}`` (without its
+    ``test_probs`` and ``fit_metrics``, which go into the run folder ``out/<head>/seed<k>/`` when ``out`` is given,
+    :func:`write_run`, as each seed ends)."""
     results: dict[str, dict[int, dict]] = {}
     for name in heads:
         for seed in seeds:
@@ -366,6 +425,10 @@ def run_probe(source: RealData, heads: list[str], seeds: list[int], recipe: Reci
             stages = list(model.hparams.stages)
             result = train_head(model, {n: s.select(stages) for n, s in maps.splits.items()}, recipe, seed)
             result["params"] = sum(p.numel() for p in model.head.parameters())
+            if out is not None:
+                write_run(out / name / f"seed{seed}", name, seed, result, recipe, maps)
+            result.pop("test_probs", None)
+            result.pop("fit_metrics", None)
             results.setdefault(name, {})[seed] = result
             if "diverged" in result:
                 log(f"{name} seed {seed}: diverged: {result['diverged']}", flush=True)
@@ -373,6 +436,64 @@ def run_probe(source: RealData, heads: list[str], seeds: list[int], recipe: Reci
                 log(f"{name} seed {seed}: test top-1 {result['test_acc']:.4f} at the best val epoch {result['best_epoch']}/{recipe.epochs} "
                     f"(val {result['best_val_acc']:.4f}; {result['wall_s']:.0f} s)", flush=True)
     return results
+
+
+# ----- run folders that mgff.report reads ----------------------------------------------------------------
+def probe_config(name: str, seed: int, recipe: Recipe, maps: CachedMaps) -> dict[str, Any]:
+    """The run folder's ``config.yaml``: the seed and what the probe of ``name`` depends on (see the module's doc);
+    no locations, so the seeds of one head, recipe and maps are equal but for ``seed_everything``."""
+    return {
+        "seed_everything": seed,
+        "probe": {
+            "head": name,
+            "head_overrides": dict(HEADS[name].overrides),  # model arguments over the base run's
+            "base_run": {"config": PROBE_RUN.config, "overrides": list(PROBE_RUN.overrides)},
+            "maps": dict(maps.key),
+            "recipe": asdict(recipe),
+        },
+    }
+
+
+def prediction_csv_rows(probs: Tensor, split: MapSplit, class_names: tuple[str, ...] = (), top_k: int = 5) -> list[dict[str, Any]]:
+    """The rows of ``test_predictions.csv`` for ``probs`` ``(N, C)`` on ``split``: the columns and order of
+    :class:`mgff.callbacks.TestPredictionWriter` (``correct`` after ``prob``), ``index`` the dataset's index."""
+    from mgff.callbacks.prediction_writer import prediction_rows
+
+    if len(split.paths) != split.num_images or len(probs) != split.num_images:
+        raise ValueError(f"{split.name}: {len(probs)} predictions and {len(split.paths)} paths for {split.num_images} images")
+    prob, pred = probs.max(dim=-1)
+    prediction = dict(index=torch.arange(split.num_images), path=list(split.paths), label=split.labels[: split.num_images],
+                      pred=pred, prob=prob, probs=probs)
+    rows = []
+    for row in prediction_rows(prediction, list(class_names) or None, top_k):
+        columns = list(row.items())
+        after_prob = [column for column, _ in columns].index("prob") + 1
+        rows.append(dict(columns[:after_prob] + [("correct", int(row["pred"] == row["label"]))] + columns[after_prob:]))
+    return rows
+
+
+def write_run(run_dir: Path, name: str, seed: int, result: dict[str, Any], recipe: Recipe, maps: CachedMaps) -> None:
+    """One head and seed as a run folder ``mgff.report`` reads: ``config.yaml``, ``test_predictions.csv``,
+    ``metrics.csv`` and, last (it marks the run finished), ``metrics.json``; a diverged result writes the config
+    alone. Outputs of an earlier run in the folder are removed first."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for old in ("metrics.json", "test_predictions.csv", "metrics.csv"):
+        (run_dir / old).unlink(missing_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(probe_config(name, seed, recipe, maps), sort_keys=False))
+    if "diverged" in result:
+        return
+    rows = prediction_csv_rows(result["test_probs"], maps.splits["test"], maps.class_names)
+    with open(run_dir / "test_predictions.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    steps_per_epoch = result["fit_metrics"]["global_step"] // recipe.epochs
+    with open(run_dir / "metrics.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["epoch", "step", "val/acc"])
+        writer.writerows([epoch, (epoch + 1) * steps_per_epoch - 1, acc] for epoch, acc in enumerate(result["val_acc"]))
+    metrics = dict(result["fit_metrics"], params=result.get("params"), maps_seconds=round(maps.compute_seconds, 1))
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
 
 
 # ----- the report ----------------------------------------------------------------------------------------
@@ -457,7 +578,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--fusion-lr-scale", type=float, default=Recipe.fusion_lr_scale, help="the fusion layers' lr is lr x this (default 1)")
     parser.add_argument("--weight-decay", type=float, default=Recipe.weight_decay, help=f"on weights of 2+ dimensions (default {Recipe.weight_decay:g})")
     parser.add_argument("--batch-size", type=int, default=Recipe.batch_size)
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where results.md / results.csv / results.json go (default runs/head_probe)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                        help="where results.md / results.csv / results.json and the run folders <head>/seed<k>/ go (default runs/head_probe)")
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="where the per-root map caches live (default runs/head_probe/cache)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (on shared cores two threads spin against each other)")
     real_data.add_arguments(parser)
@@ -469,7 +591,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     start = time.perf_counter()
     recipe = Recipe(args.optimizer, args.lr, args.fusion_lr_scale, args.weight_decay, Recipe.momentum, args.epochs, args.batch_size)
     maps, _ = load_or_compute_maps(source, args.cache)
-    results = run_probe(source, args.heads, args.seeds, recipe, maps)
+    results = run_probe(source, args.heads, args.seeds, recipe, maps, out=args.out)
     command = "python benchmarks/head_probe.py " + " ".join(argv if argv is not None else sys.argv[1:])
     info = machine_info(torch.device("cpu"))
     text = report(results, maps, recipe, args.seeds, command.strip(), describe_machine(info), time.perf_counter() - start)

@@ -17,7 +17,10 @@ built from that config by the project's CLI parser (:class:`mgff.cli.MGFFCLI`), 
 - writes into the run folder ``best.ckpt``, ``test_predictions.csv``, ``result.json`` (``test_acc``,
   ``best_val_acc``, minutes, training CPU-seconds per image, ``test_metrics`` with a two-stage run's top-1 of each
   stage, the config, the overrides and the equivalent ``python -m mgff.fit`` command) and, as ``mgff.fit`` does,
-  ``config.yaml``, ``hparams.yaml`` and the CSV log ``metrics.csv``,
+  ``config.yaml``, ``hparams.yaml``, the CSV log ``metrics.csv`` and ``metrics.json`` in ``mgff.fit``'s format
+  (what the test returned, ``best_val/acc``, ``best_checkpoint``, ``epochs``, ``global_step``, ``fit_seconds``,
+  ``cpu_seconds``, ``torch_threads``, ``num_classes``; not for a diverged run), so ``python -m mgff.report <out>``
+  groups and compares the runner's folders as it does ``mgff.fit``'s,
 
 and finally writes ``<out>/results.md`` / ``results.csv`` (mean ± sd over seeds per run) and prints the table.
 ``--compare a,b`` adds the pooled paired bootstrap interval of ``acc(b) - acc(a)`` over the seeds both ran
@@ -465,10 +468,12 @@ def train_and_test(
 
     from mgff.callbacks.nonfinite_loss import NonFiniteLossError, StopOnNonFiniteLoss
     from mgff.callbacks.test_predictions import TestPredictionWriter
+    from mgff.fit import cpu_seconds_so_far
 
     args = training_args(run, run_dir, source, cache, seed, epochs, workers, clip, also_last, extra)
     run_dir.mkdir(parents=True, exist_ok=True)
-    for old in [*run_dir.glob("best*.ckpt"), *run_dir.glob("last_epoch*.ckpt"), run_dir / "result.json", run_dir / "test_predictions.csv"]:
+    for old in [*run_dir.glob("best*.ckpt"), *run_dir.glob("last_epoch*.ckpt"), run_dir / "result.json", run_dir / "test_predictions.csv",
+                run_dir / "metrics.json"]:
         old.unlink(missing_ok=True)
     cli = _cli(args, "all")
     trainer, model, data = cli.trainer, cli.model, cli.datamodule
@@ -482,14 +487,16 @@ def train_and_test(
     writer = next(cb for cb in trainer.callbacks if isinstance(cb, TestPredictionWriter))
     result: dict[str, Any] = dict(run=name, epochs=trainer.max_epochs, seed=seed, clip=clip, root=str(source.root), note=run.note,
                                   config=run.config, overrides=[*run.overrides, *extra], fit_command=fit_command(args))
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), cpu_seconds_so_far()
     try:
         trainer.fit(model, datamodule=data)
     except NonFiniteLossError as err:
         result.update(diverged=str(err), minutes=round((time.perf_counter() - start) / 60, 1))
         (run_dir / "result.json").write_text(json.dumps(result, indent=1))
         return result
-    minutes = (time.perf_counter() - start) / 60
+    fit_seconds, cpu_seconds = time.perf_counter() - start, cpu_seconds_so_far() - cpu_start
+    minutes = fit_seconds / 60
+    epochs_run, global_step = trainer.current_epoch, trainer.global_step  # before test() restores a checkpoint
     best = checkpoint.best_model_path
     # read before test(): restoring best.ckpt also restores the callbacks' states, and a best.ckpt written in the
     # first epoch holds the last-epoch callback's state from before it had saved anything (path '')
@@ -509,11 +516,21 @@ def train_and_test(
         checkpoint=str(Path(best).relative_to(REPO_ROOT)) if Path(best).is_relative_to(REPO_ROOT) else best,
         test_metrics={k: round(float(v), 4) for k, v in sorted(tested.items()) if k.endswith("acc")},
     )
+    # mgff.fit's metrics.json (its names: the best checkpoint's test as test/*, the last epoch's as test_last/*)
+    metrics: dict[str, Any] = {k: float(v) for k, v in tested.items()}
+    metrics["best_val/acc"] = float(checkpoint.best_model_score)
+    tested_checkpoints = {"best": best}
     if also_last:
         writer.filename = "last_epoch_test_predictions.csv"
         last = trainer.test(model, datamodule=data, ckpt_path=last_path, verbose=False)[0]
         result["last_test_acc"] = round(float(last["test/acc"]), 4)
+        metrics.update({k.replace("test/", "test_last/", 1): float(v) for k, v in last.items()})
+        tested_checkpoints["last"] = last_path
+    metrics.update(tested_checkpoints=tested_checkpoints, best_checkpoint=best, epochs=epochs_run, global_step=global_step,
+                   fit_seconds=round(fit_seconds, 1), cpu_seconds=round(cpu_seconds, 1), torch_threads=torch.get_num_threads(),
+                   num_classes=data.num_classes)
     (run_dir / "result.json").write_text(json.dumps(result, indent=1))
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")  # last: it marks the run finished
     return result
 
 

@@ -3,7 +3,8 @@ model and data through it; the historical runs keep the dict runner's settings o
 ``python -m mgff.fit`` with the recorded command trains; the runner on anyone's photos and weights (--root,
 --weights, a generated CUB and random Lite0 weights saved as safetensors), over seeds (--seeds, seed<k>/ folders),
 with overrides for every run after ``--``, the pooled paired interval (--compare) and --report-only reading every
-seed; a diverged run is reported as such; the resized cache lives per source root."""
+seed; a diverged run is reported as such; the resized cache lives per source root; the run folders are ones that
+``python -m mgff.report`` reads (metrics.json in mgff.fit's format)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import real_data, real_photos  # noqa: E402
+from mgff.report import main as report_main  # noqa: E402
 from mgff.stats import pooled_paired_bootstrap  # noqa: E402
 
 # the runner's data and model at 64 px and batch 4, so that a run on the generated CUB takes seconds
@@ -191,6 +193,19 @@ def test_the_runner_on_other_photos_and_weights_over_two_seeds(source, tmp_path,
             assert config["model"]["init_args"]["lr"] == 0.01 and config["data"]["init_args"]["batch_size"] == 4
             assert (run_dir / "metrics.csv").is_file() and (run_dir / "best.ckpt").is_file()
     assert [p.name for p in cache.iterdir()] == [source.cache_dir(cache).name]
+    # every run folder is also one that mgff.report reads: metrics.json in mgff.fit's format, one group per run over its seeds
+    for seed in (0, 1):
+        for name in ("linear_best", "mgff_best"):
+            run_dir = out / f"seed{seed}" / name
+            result, metrics = (json.loads((run_dir / f).read_text()) for f in ("result.json", "metrics.json"))
+            assert metrics["test/acc"] == pytest.approx(result["test_acc"], abs=1e-4) and metrics["best_val/acc"] == pytest.approx(result["best_val_acc"], abs=1e-4)
+            # 1 epoch of the 20 training photos in batches of 4; the test's top-5 too, as mgff.fit records it
+            assert (metrics["epochs"], metrics["global_step"], metrics["num_classes"], metrics["torch_threads"]) == (1, 5, 4, 1)
+            assert metrics["best_checkpoint"] == str(run_dir / "best.ckpt") == metrics["tested_checkpoints"]["best"] and "test/acc5" in metrics
+            assert metrics["fit_seconds"] > 0 and metrics["cpu_seconds"] > 0
+    report = report_main([str(out)])
+    groups = [line.split("|")[1:4] for line in report.splitlines() if line.startswith("| ") and not line.startswith("| group")]
+    assert len(groups) == 2 and all([c.strip() for c in cells[1:]] == ["2", "0 1"] for cells in groups) and "Skipped" not in report
     table = (out / "results.md").read_text()
     assert "| linear_best | 2 |" in table and "| mgff_best | 2 |" in table
     assert "mgff_best - linear_best:" in table and "seed 0,1;" in table

@@ -435,6 +435,9 @@ def location_options(run_dir: Path, also_last: bool) -> list[str]:
         "--checkpoint.dirpath", str(run_dir), "--checkpoint.filename=best",
         "--last_checkpoint.dirpath", str(run_dir), "--last_checkpoint.filename=last_epoch",
         f"--last_checkpoint.save_top_k={1 if also_last else 0}",
+        # what this runner tests (the best checkpoint; with also_last the last epoch's too), recorded in config.yaml
+        # so that the recorded mgff.fit command and mgff.report see the same choice; recipe.yaml's is the fixed rule
+        "--test_checkpoints=[best, last]" if also_last else "--test_checkpoints=[best]",
         "--trainer.enable_progress_bar=false",
     ]
 

@@ -32,6 +32,12 @@ by seed, each pair's per-image results come from ``test_predictions.csv`` (writt
 paired by the test dataset's ``index``, and every run must cover the same test images: the same indices and,
 where both files have a ``path`` column, the same image path at each index.
 
+**Other tested checkpoints.** A run that tested more than one checkpoint (``mgff.fit``'s ``test_checkpoints``, e.g.
+``[last, best, last_raw]``) has ``test_<name>/acc`` in ``metrics.json`` and ``test_predictions_<name>.csv``: the
+table is followed by each group's mean ± sd of those, and ``--compare A@last_raw A`` compares two of them
+(``GROUP@NAME`` reads ``test_predictions_<NAME>.csv``; the same run on both sides is a within-run comparison:
+here the EMA of the weights against the same run's raw weights).
+
 **``--plot FILE``**: each group's ``val/acc`` per epoch from the runs' CSV logs (``metrics.csv``): the mean
 over its runs and the range (min to max). A run without a CSV log is left out of the plot, with a note.
 """
@@ -279,6 +285,38 @@ def markdown_table(groups: Sequence[Group]) -> str:
     return "\n".join(lines)
 
 
+def other_tests_table(groups: Sequence[Group]) -> str:
+    """Each group's mean ± sd of the other tested checkpoints' ``test_<name>/acc`` (``mgff.fit``'s ``test_checkpoints``);
+    ``""`` when no run tested more than one."""
+    names = sorted({key[len("test_"):-len("/acc")] for g in groups for r in g.runs for key in r.metrics
+                    if key.startswith("test_") and key.endswith("/acc")})
+    if not names:
+        return ""
+    lines = ["| group | test/acc | " + " | ".join(f"test/acc @{n}" for n in names) + " |", "|---" * (len(names) + 2) + "|"]
+    for g in groups:
+        cells = [_mean_sd_of([r.metrics.get("test/acc") for r in g.runs])]
+        cells += [_mean_sd_of([r.metrics.get(f"test_{n}/acc") for r in g.runs]) for n in names]
+        lines.append(f"| {g.label} | " + " | ".join(cells) + " |")
+    return "Other tested checkpoints (`test_checkpoints`; `--compare GROUP@NAME ...` pairs them):\n\n" + "\n".join(lines)
+
+
+def _mean_sd_of(values: Sequence[float | None]) -> str:
+    present = [float(v) for v in values if v is not None]
+    if not present:
+        return "-"
+    sd = float(np.std(present, ddof=1)) if len(present) > 1 else float("nan")
+    text = _mean_sd(float(np.mean(present)), sd)
+    return text if len(present) == len(values) else f"{text} ({len(present)} of {len(values)} runs)"
+
+
+def split_variant(label: str, groups: dict[str, Group]) -> tuple[str, str | None]:
+    """``"GROUP@NAME"`` -> ``("GROUP", "NAME")`` unless the whole text is a group's label."""
+    if label in groups or "@" not in label:
+        return label, None
+    group, variant = label.rsplit("@", 1)
+    return group, variant
+
+
 def write_csv(groups: Sequence[Group], path: str | Path) -> None:
     rows = [group_summary(g) for g in groups]
     fields = list(dict.fromkeys(k for row in rows for k in row))
@@ -312,9 +350,10 @@ def read_test_predictions(run: Run) -> tuple[np.ndarray, np.ndarray]:
     return index, correct
 
 
-def _read_test_rows(run: Run) -> tuple[np.ndarray, np.ndarray, list[str] | None]:
-    """:func:`read_test_predictions` and the image paths in the same order (``None`` without a ``path`` column)."""
-    path = run.path / TEST_PREDICTIONS
+def _read_test_rows(run: Run, variant: str | None = None) -> tuple[np.ndarray, np.ndarray, list[str] | None]:
+    """:func:`read_test_predictions` and the image paths in the same order (``None`` without a ``path`` column);
+    ``variant``: the file of another tested checkpoint, ``test_predictions_<variant>.csv``."""
+    path = run.path / predictions_file(variant)
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing (the run predates mgff writing it, or its test did not finish)")
     with open(path, newline="") as f:
@@ -328,10 +367,18 @@ def _read_test_rows(run: Run) -> tuple[np.ndarray, np.ndarray, list[str] | None]
     return index[order], correct[order], paths
 
 
-def compare(a: Group, b: Group, samples: int = 10000, seed: int = 0) -> str:
+def predictions_file(variant: str | None = None) -> str:
+    """``test_predictions.csv``, or ``test_predictions_<variant>.csv`` of another tested checkpoint."""
+    return TEST_PREDICTIONS if variant is None else f"test_predictions_{variant}.csv"
+
+
+def compare(a: Group, b: Group, samples: int = 10000, seed: int = 0, variant_a: str | None = None, variant_b: str | None = None) -> str:
     """``test/acc(B) - test/acc(A)`` and its pooled paired bootstrap 95 % interval, runs paired by seed; one
-    Markdown paragraph, with notes on runs left unpaired."""
+    Markdown paragraph, with notes on runs left unpaired. ``variant_a``/``variant_b``: read another tested
+    checkpoint's predictions (``test_predictions_<variant>.csv``) of that group."""
     notes: list[str] = []
+    name_a = a.label + (f"@{variant_a}" if variant_a else "")
+    name_b = b.label + (f"@{variant_b}" if variant_b else "")
     for group in (a, b):
         seeds = [r.seed for r in group.runs if r.seed is not None]
         if len(seeds) != len(set(seeds)):
@@ -343,8 +390,8 @@ def compare(a: Group, b: Group, samples: int = 10000, seed: int = 0) -> str:
         notes += [f"seed {s} of {name} has no run in the other group" for s in sorted(set(own) - set(other))]
     pairs, seeds, images, reference, paths, path_reference = [], [], None, None, None, None
     for s in sorted(set(runs_a) & set(runs_b)):
-        index_a, correct_a, paths_a = _read_test_rows(runs_a[s])
-        index_b, correct_b, paths_b = _read_test_rows(runs_b[s])
+        index_a, correct_a, paths_a = _read_test_rows(runs_a[s], variant_a)
+        index_b, correct_b, paths_b = _read_test_rows(runs_b[s], variant_b)
         for index, names, run in ((index_a, paths_a, runs_a[s]), (index_b, paths_b, runs_b[s])):
             if images is None:
                 images, reference = index, run.path / TEST_PREDICTIONS
@@ -362,7 +409,7 @@ def compare(a: Group, b: Group, samples: int = 10000, seed: int = 0) -> str:
         raise ValueError(f"groups {a.label} and {b.label} have no seed in common: nothing to pair")
     diff, low, high = pooled_paired_bootstrap(pairs, samples=samples, seed=seed)
     text = (
-        f"**{b.label} - {a.label}**: test/acc {diff:+.4f}, pooled paired bootstrap 95 % interval [{low:+.4f}, {high:+.4f}] "
+        f"**{name_b} - {name_a}**: test/acc {diff:+.4f}, pooled paired bootstrap 95 % interval [{low:+.4f}, {high:+.4f}] "
         f"({len(pairs)} seed pair{'s' if len(pairs) > 1 else ''}: {', '.join(map(str, seeds))}; {len(images)} test images; {samples} resamples)"
     )
     return text + "".join(f"\n- {note}" for note in notes)
@@ -449,13 +496,17 @@ def main(argv: Sequence[str] | None = None) -> str:
     parts = [markdown_table(groups) if groups else "No finished runs found."]
     if skipped:
         parts.append("Skipped:\n" + "\n".join(f"- {folder}: {reason}" for folder, reason in skipped))
+    others = other_tests_table(groups)
+    if others:
+        parts.append(others)
     by_label = {g.label: g for g in groups}
     for label_a, label_b in args.compare:
+        (label_a, variant_a), (label_b, variant_b) = (split_variant(label, by_label) for label in (label_a, label_b))
         unknown = [label for label in (label_a, label_b) if label not in by_label]
         if unknown:
             parser.error(f"--compare: no group {', '.join(map(repr, unknown))}; the groups are {', '.join(map(repr, by_label)) or 'none'}")
         try:
-            parts.append(compare(by_label[label_a], by_label[label_b], samples=args.samples, seed=args.seed))
+            parts.append(compare(by_label[label_a], by_label[label_b], samples=args.samples, seed=args.seed, variant_a=variant_a, variant_b=variant_b))
         except (FileNotFoundError, ValueError) as err:
             print("\n\n".join(parts))
             sys.exit(f"mgff.report: --compare {label_a} {label_b}: {err}")

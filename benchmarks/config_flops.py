@@ -12,6 +12,9 @@ config's: the side ``experiments/lite0/single_equal_flops.yaml`` is written with
 
     python benchmarks/config_flops.py experiments/lite0/full.yaml --match experiments/lite0/single.yaml
     python benchmarks/config_flops.py experiments/lite0/two_stage.yaml experiments/lite0/single.yaml
+    python benchmarks/config_flops.py experiments/lite0/full.yaml -- --data.init_args.root /data/CUB_200_2011
+
+Arguments after ``--`` are CLI overrides given to every config.
 
 The initial pretrained weights are not read (they do not change FLOPs); the data root must exist (the number of
 classes comes from it).
@@ -66,6 +69,8 @@ def side_overrides(side: int, resize_ratio: float) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    argv, overrides = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("configs", nargs="+", help="configs to measure (the first is the one --match compares with)")
     parser.add_argument("--match", help="a single-stage config: find the input side whose FLOPs equal the first config's")
@@ -73,15 +78,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     results: dict[str, Any] = {}
     for config in args.configs:
-        results[config] = config_flops(config)
+        results[config] = config_flops(config, overrides)
         print(f"{config}: {results[config] / 1e9:.3f} GFLOPs per image (evaluation forward)")
     if args.match:
         target = results[args.configs[0]]
-        _, dm = build(args.match)
+        _, dm = build(args.match, overrides)
         ratio = dm.resize_size / dm.crop_size
         sides = {}
         for side in (int(s) for s in args.sides.split(",")):
-            sides[side] = config_flops(args.match, side_overrides(side, ratio))
+            sides[side] = config_flops(args.match, [*overrides, *side_overrides(side, ratio)])
             print(f"{args.match} at {side} px: {sides[side] / 1e9:.3f} GFLOPs ({sides[side] / target:.2f}x {args.configs[0]})")
         best = min(sides, key=lambda s: abs(sides[s] - target))
         print(f"closest side: {best} px, {sides[best] / 1e9:.3f} GFLOPs against {target / 1e9:.3f} ({sides[best] / target:.2f}x)")

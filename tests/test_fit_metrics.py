@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from fit_helpers import tiny_demo_args
 from mgff.fit import cpu_seconds_so_far, run as fit_run
 from mgff.report import Run, group_runs, markdown_table, write_csv
 
-DEMO = str(Path(__file__).resolve().parents[1] / "experiments" / "demo.yaml")
 BURN = "import time\nend = time.process_time() + {seconds}\nwhile time.process_time() < end: pass\n"
 
 
@@ -35,16 +35,7 @@ def test_cpu_time_counts_running_and_ended_children():
 
 
 def test_metrics_json_has_cpu_time_threads_and_each_stages_accuracy(cub_root, tmp_path):
-    metrics = fit_run([
-        "--config", DEMO,
-        "--data.class_path", "data_modules.CUB200DataModule",
-        "--data.init_args.root", str(cub_root),
-        "--data.init_args.resize_size", "80", "--data.init_args.crop_size", "64",
-        "--data.init_args.batch_size", "8", "--data.init_args.num_workers", "0",
-        "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-        "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
-        "--trainer.default_root_dir", str(tmp_path), "--trainer.logger.init_args.save_dir", str(tmp_path),
-    ])
+    metrics = fit_run(tiny_demo_args(cub_root, tmp_path))
     run_dir = next(tmp_path.rglob("metrics.json")).parent
     saved = json.loads((run_dir / "metrics.json").read_text())
     assert saved == json.loads(json.dumps(metrics))  # what fit returns is what it wrote

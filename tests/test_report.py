@@ -11,26 +11,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fit_helpers import tiny_demo_args
 from mgff.fit import run as fit_run
 from mgff.report import Run, group_runs, main as report_main, read_run, read_test_predictions
 from mgff.stats import paired_bootstrap
 
-DEMO = str(Path(__file__).resolve().parents[1] / "experiments" / "demo.yaml")
 
 
 def tiny_fit(out: Path, cub_root: Path, *extra: str) -> Path:
     """The demo config, two training steps, on the session's generated data; returns the run folder."""
-    fit_run([
-        "--config", DEMO,
-        "--data.class_path", "data_modules.CUB200DataModule",
-        "--data.init_args.root", str(cub_root),
-        "--data.init_args.resize_size", "80", "--data.init_args.crop_size", "64",
-        "--data.init_args.batch_size", "8", "--data.init_args.num_workers", "0",
-        "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-        "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
-        "--trainer.default_root_dir", str(out), "--trainer.logger.init_args.save_dir", str(out),
-        *extra,
-    ])
+    fit_run(tiny_demo_args(cub_root, out, *extra))
     return next(out.rglob("metrics.json")).parent
 
 

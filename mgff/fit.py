@@ -104,15 +104,13 @@ def test_checkpoint(
         for writer in writers:
             writer.filename = f"test_predictions_{name}.csv"
     try:
-        if name == "best":
-            tested = trainer.test(model, datamodule=datamodule, ckpt_path=best_path or None, verbose=False)
-            return best_path, (tested[0] if tested else {})
-        path = last_path
-        if path is None:
+        if name != "best" and last_path is None:
             raise ValueError(f"test_checkpoints names {name!r}, and this run wrote no last.ckpt (last_checkpoint)")
-        if name == "last":
-            tested = trainer.test(model, datamodule=datamodule, ckpt_path=path, verbose=False)
+        if name in ("best", "last"):
+            path = best_path if name == "best" else last_path
+            tested = trainer.test(model, datamodule=datamodule, ckpt_path=path or None, verbose=False)
             return path, (tested[0] if tested else {})
+        path = last_path
         # last_raw: the weights trained, not their average (an EMA run's checkpoints hold the average as state_dict)
         saved = torch.load(path, map_location="cpu", weights_only=True)
         if "current_model_state" not in saved:

@@ -238,18 +238,21 @@ def _display(key: str, value: str) -> str:
 
 
 # ----- table ---------------------------------------------------------------------------------------
+def metric_mean_sd(runs: Sequence[Run], key: str) -> tuple[float, float, int]:
+    """``(mean, sd, count)`` of ``metrics.json[key]`` over the runs that have it: sample sd (n-1; NaN for one run),
+    NaN mean for none."""
+    values = np.array([float(r.metrics[key]) for r in runs if r.metrics.get(key) is not None])
+    if not len(values):
+        return math.nan, math.nan, 0
+    return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else math.nan, len(values)
+
+
 def group_summary(group: Group) -> dict[str, Any]:
     """The table's numbers of one group: runs, seeds, mean and sd (n-1; NaN for one run) of test/acc and best
     val/acc, epochs (min, max), mean fit seconds, mean CPU seconds over the runs that recorded them (NaN when
     none did) and how many did; then the differing settings."""
-    def mean_sd(key: str) -> tuple[float, float]:
-        values = np.array([float(r.metrics[key]) for r in group.runs if r.metrics.get(key) is not None])
-        if not len(values):
-            return math.nan, math.nan
-        return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else math.nan
-
-    test_mean, test_sd = mean_sd("test/acc")
-    val_mean, val_sd = mean_sd("best_val/acc")
+    test_mean, test_sd, _ = metric_mean_sd(group.runs, "test/acc")
+    val_mean, val_sd, _ = metric_mean_sd(group.runs, "best_val/acc")
     epochs = [int(r.metrics["epochs"]) for r in group.runs]
     cpu = [float(r.metrics["cpu_seconds"]) for r in group.runs if isinstance(r.metrics.get("cpu_seconds"), (int, float))]
     return {
@@ -294,19 +297,15 @@ def other_tests_table(groups: Sequence[Group]) -> str:
         return ""
     lines = ["| group | test/acc | " + " | ".join(f"test/acc @{n}" for n in names) + " |", "|---" * (len(names) + 2) + "|"]
     for g in groups:
-        cells = [_mean_sd_of([r.metrics.get("test/acc") for r in g.runs])]
-        cells += [_mean_sd_of([r.metrics.get(f"test_{n}/acc") for r in g.runs]) for n in names]
+        cells = [_mean_sd_cell(g.runs, key) for key in ["test/acc", *(f"test_{n}/acc" for n in names)]]
         lines.append(f"| {g.label} | " + " | ".join(cells) + " |")
     return "Other tested checkpoints (`test_checkpoints`; `--compare GROUP@NAME ...` pairs them):\n\n" + "\n".join(lines)
 
 
-def _mean_sd_of(values: Sequence[float | None]) -> str:
-    present = [float(v) for v in values if v is not None]
-    if not present:
-        return "-"
-    sd = float(np.std(present, ddof=1)) if len(present) > 1 else float("nan")
-    text = _mean_sd(float(np.mean(present)), sd)
-    return text if len(present) == len(values) else f"{text} ({len(present)} of {len(values)} runs)"
+def _mean_sd_cell(runs: Sequence[Run], key: str) -> str:
+    mean, sd, count = metric_mean_sd(runs, key)
+    text = _mean_sd(mean, sd)
+    return text if count in (0, len(runs)) else f"{text} ({count} of {len(runs)} runs)"
 
 
 def split_variant(label: str, groups: dict[str, Group]) -> tuple[str, str | None]:

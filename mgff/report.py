@@ -10,21 +10,41 @@ form one group: the seed (``seed_everything``), where outputs and logs go (``tra
 everything under ``trainer.logger``: its class, ``save_dir``, ``name``, ``version``...; the ``dirpath`` of
 ``checkpoint``, ``last_checkpoint`` and ``preemption``; ``prediction_writer.output_dir``), ``ckpt_path``,
 and the worker and device counts (``data.init_args.num_workers``, ``trainer.devices``,
-``trainer.num_nodes``). A group is named by the config keys and values that differ between groups, each
-key shortened to the last part(s) that tell it apart (``lr=0.001,head=linear``); one group is ``all``.
+``trainer.num_nodes``).
+
+**Labels.** A lone group is ``all``. Two or more are named in one of two ways:
+
+- **By name**, when every run has a name, the runs of a group share theirs, and there are at least two
+  different names. A run's name is its configs' stems joined by ``+`` when its folder holds the ``sweep.json``
+  of ``mgff.sweep`` (``single``, ``two_stage``, ``full+no_gcn`` for ``--configs full.yaml+no_gcn.yaml``), else
+  the name of the folder above a run folder called ``seed<k>`` (``<out>/<name>/seed<k>/``, the layout of
+  ``mgff.sweep`` and ``benchmarks/head_probe.py``), else none. Groups that share a name (the same configs
+  run with other overrides, or two ``single.yaml`` of other folders) are told apart after a ``:`` by the
+  settings that separate them among themselves: ``single:max_epochs=5``.
+- **By settings** otherwise: the config keys and values that differ between groups, each key shortened to
+  the last part(s) that tell it apart, ``init_args`` left out (``lr=0.001,head=linear``). Where the groups
+  differ in a class (``model.class_path``: ``FineGrainedClassifier`` and ``TwoStageClassifier``), the class
+  is shown as ``model=TwoStageClassifier`` and the ``init_args`` of that class that another group lacks are
+  left out (they follow from the class).
+
+A group labelled by name also answers ``--compare`` to its settings label (``freeze_backbone_epochs=0`` for
+``single+no_head_first`` beside ``single``), unless another group has that label. Labels never repeat (a
+``#<n>`` is appended to a label already taken, e.g. values that only differ in what the label shows of
+them) and depend only on the runs' configs and folders, in path order.
 
 **Other runners' folders.** A run folder whose ``config.yaml`` has a top-level key of :data:`RUNNER_KEYS`
 (``probe``: ``benchmarks/head_probe.py``, a head trained on a frozen backbone's cached maps) is a run of that
-runner: grouped the same way, but labelled among that runner's groups alone, with as few of their differing keys
-as tell them apart (in key order, each key that separates groups the keys before it left together), after the
-runner's name: ``probe`` (one group), ``probe:head=linear``. The ``mgff.fit`` groups keep the labels they have
-without such folders (a lone one is ``fit`` instead of ``all``), so a probe and fine-tunes of the same photos
-are compared with ``--compare probe:head=linear <fit group>``.
+runner: grouped the same way, but labelled by settings among that runner's groups alone, with as few of their
+differing keys as tell them apart (in key order, each key that separates groups the keys before it left
+together), after the runner's name: ``probe`` (one group), ``probe:head=linear``. The ``mgff.fit`` groups
+keep the labels they have without such folders (a lone one is ``fit`` instead of ``all``), so a probe and
+fine-tunes of the same photos are compared with ``--compare probe:head=linear <fit group>``.
 
 **Table.** Markdown, one row per group: runs, seeds, mean ± sd over runs (sample sd, n-1) of ``test/acc``
 and of the best ``val/acc`` (``metrics.json``), epochs, fit time and CPU time (means over runs; the CPU time of
 the fit, user + system, loader workers included, from ``cpu_seconds``, which runs made before mgff recorded it
-lack: ``-``, or the mean over the runs that have it, with their count). ``--csv FILE`` writes the same numbers.
+lack: ``-``, or the mean over the runs that have it, with their count). ``--csv FILE`` writes the same numbers,
+and each group's differing settings, one column per key.
 
 **``--compare A B``** (group labels; repeatable): the difference ``test/acc(B) - test/acc(A)`` with the pooled
 paired bootstrap 95 % interval (:func:`mgff.stats.pooled_paired_bootstrap`): the runs of A and B are paired
@@ -49,6 +69,7 @@ import csv
 import fnmatch
 import json
 import math
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,7 +80,7 @@ import yaml
 
 from mgff.stats import pooled_paired_bootstrap
 
-__all__ = ["IGNORED_KEYS", "RUNNER_KEYS", "Group", "Run", "find_runs", "group_runs", "markdown_table", "compare", "plot_val_curves", "main"]
+__all__ = ["IGNORED_KEYS", "RUNNER_KEYS", "Group", "Run", "find_runs", "group_runs", "group_index", "markdown_table", "compare", "plot_val_curves", "main"]
 
 #: config keys (dotted, ``fnmatch`` patterns; list items as ``key[i]``) that do not separate groups
 IGNORED_KEYS: tuple[str, ...] = (
@@ -83,26 +104,32 @@ RUNNER_KEYS: tuple[str, ...] = ("probe",)
 
 TEST_PREDICTIONS = "test_predictions.csv"
 CSV_LOG = "metrics.csv"
+#: what ``mgff.sweep`` records in each run folder: ``{"configs": [...], "seed": k, "extra": [...]}``
+SWEEP_RECORD = "sweep.json"
 
 
 @dataclass
 class Run:
-    """One finished ``mgff.fit`` run: its folder, flattened config (key -> JSON text), ``metrics.json`` and seed."""
+    """One finished ``mgff.fit`` run: its folder, flattened config (key -> JSON text), ``metrics.json``, seed and
+    name (:func:`run_name`: its sweep's config stems, or its folder's; ``None`` without one)."""
 
     path: Path
     config: dict[str, str]
     metrics: dict[str, Any]
     seed: int | None
+    name: str | None = None
 
 
 @dataclass
 class Group:
     """Runs with the same config but for :data:`IGNORED_KEYS`; ``settings`` are the keys that differ between
-    groups (full dotted key -> value as text), ``label`` their short form."""
+    groups (full dotted key -> value as text); ``label`` names the group (see the module's doc), ``aliases`` are
+    other names ``--compare`` takes for it (a named group's settings label)."""
 
     label: str
     runs: list[Run]
     settings: dict[str, str] = field(default_factory=dict)
+    aliases: list[str] = field(default_factory=list)
 
 
 # ----- finding and reading runs ---------------------------------------------------------------------
@@ -144,7 +171,21 @@ def read_run(folder: Path) -> Run | str:
     if not isinstance(config, dict):
         return "config.yaml is not a mapping of config keys"
     seed = config.get("seed_everything")
-    return Run(folder, flatten(config), metrics, seed if isinstance(seed, int) and not isinstance(seed, bool) else None)
+    return Run(folder, flatten(config), metrics, seed if isinstance(seed, int) and not isinstance(seed, bool) else None, run_name(folder))
+
+
+def run_name(folder: Path) -> str | None:
+    """The name a run folder gives its run: the stems of the configs in its ``sweep.json`` (``mgff.sweep``) joined
+    by ``+`` (``full+no_gcn``); else, for a folder ``seed<k>``, the name of the folder above it; else ``None``."""
+    try:
+        configs = json.loads((folder / SWEEP_RECORD).read_text()).get("configs")
+    except (OSError, ValueError, AttributeError):
+        configs = None
+    if isinstance(configs, list) and configs and all(isinstance(c, str) and c for c in configs):
+        return "+".join(Path(c).stem for c in configs)
+    if re.fullmatch(r"seed\d+", folder.name) and folder.parent.name:
+        return folder.parent.name
+    return None
 
 
 def flatten(config: Any, prefix: str = "") -> dict[str, str]:
@@ -169,35 +210,79 @@ def ignored(key: str) -> bool:
 
 # ----- grouping ------------------------------------------------------------------------------------
 def group_runs(runs: Sequence[Run]) -> list[Group]:
-    """Groups of ``runs`` (see the module's doc), in the order of their first run, labelled by what differs
-    (another runner's groups among their own, see :data:`RUNNER_KEYS`)."""
+    """Groups of ``runs`` (see the module's doc), in the order of their first run, labelled by name or by what
+    differs (another runner's groups among their own, see :data:`RUNNER_KEYS`)."""
     by_config: dict[tuple, list[Run]] = {}
     for run in runs:
         by_config.setdefault(tuple(sorted((k, v) for k, v in run.config.items() if not ignored(k))), []).append(run)
+    members = list(by_config.values())
     configs = [dict(key) for key in by_config]
     kinds = [runner_of(config) for config in configs]
     labels: list[str] = [""] * len(configs)
+    aliases: list[list[str]] = [[] for _ in configs]
     settings: list[dict[str, str]] = [{} for _ in configs]
     for kind in dict.fromkeys(kinds):
         family = [i for i, k in enumerate(kinds) if k == kind]
-        all_keys = sorted({k for i in family for k in configs[i]})
-        differing = [k for k in all_keys if len({configs[i].get(k) for i in family}) > 1]
-        if kind:
-            differing = telling_keys([configs[i] for i in family], differing)
-        short = short_names(differing)
-        for i in family:
-            settings[i] = {k: configs[i].get(k, "unset") for k in differing}
-            label = ",".join(f"{short[k]}={_display(k, v)}" for k, v in settings[i].items())
+        family_settings, family_labels = settings_labels([configs[i] for i in family], fewest=bool(kind))
+        names = [group_name(members[i]) for i in family]
+        by_name = not kind and None not in names and len(set(names)) > 1
+        for j, i in enumerate(family):
+            settings[i] = family_settings[j]
             if kind:
-                labels[i] = f"{kind}:{label}" if label else kind
+                labels[i] = f"{kind}:{family_labels[j]}" if family_labels[j] else kind
+            elif by_name:
+                same = [jj for jj, name in enumerate(names) if name == names[j]]
+                if len(same) == 1:
+                    labels[i] = names[j]
+                else:  # told apart among the groups of that name by the fewest settings that do
+                    labels[i] = f"{names[j]}:{settings_labels([configs[family[jj]] for jj in same], fewest=True)[1][same.index(j)]}"
+                aliases[i] = [family_labels[j]]
             else:
-                labels[i] = label or ("fit" if len(set(kinds)) > 1 else "all")
+                labels[i] = family_labels[j] or ("fit" if len(set(kinds)) > 1 else "all")
     groups: list[Group] = []
-    for label, setting, members in zip(labels, settings, by_config.values()):
-        if any(g.label == label for g in groups):  # values that only differ in what the label drops
-            label += f"#{len(groups) + 1}"
-        groups.append(Group(label, members, setting))
+    for label, alias, setting, group_members in zip(labels, aliases, settings, members):
+        base, n = label, len(groups) + 1
+        while any(g.label == label for g in groups):  # values that only differ in what the label shows of them
+            label, n = f"{base}#{n}", n + 1
+        groups.append(Group(label, group_members, setting, alias))
+    taken = {g.label for g in groups}
+    for g in groups:  # an alias that is another group's label or alias is dropped
+        g.aliases = [a for a in g.aliases if a not in taken and sum(a in other.aliases for other in groups) == 1]
     return groups
+
+
+def group_index(groups: Sequence[Group]) -> dict[str, Group]:
+    """Each group by its label and by its aliases (what ``--compare`` looks names up in)."""
+    index = {g.label: g for g in groups}
+    for g in groups:
+        index.update({a: g for a in g.aliases if a not in index})
+    return index
+
+
+def group_name(runs: Sequence[Run]) -> str | None:
+    """The name the runs of a group share (:func:`run_name`), ``None`` when one has none or they differ."""
+    names = {r.name for r in runs}
+    return names.pop() if len(names) == 1 else None
+
+
+def settings_labels(configs: Sequence[dict[str, str]], fewest: bool = False) -> tuple[list[dict[str, str]], list[str]]:
+    """For each config, the settings that differ between ``configs`` (dotted key -> value, ``"unset"`` where it
+    lacks the key) and their label ``key=value,...``; ``fewest``: only the keys that tell the configs apart
+    (:func:`telling_keys`). Where a class differs (``model.class_path``), its ``init_args`` that some config lacks
+    are left out when they follow from the class (one value in all configs of each class), and the others are
+    left out of the labels of the configs that lack them (no ``key=unset``)."""
+    all_keys = sorted({k for c in configs for k in c})
+    differing = [k for k in all_keys if len({c.get(k) for c in configs}) > 1]
+    classes = [k[: -len("class_path")] for k in differing if k.endswith(".class_path")]
+    scoped = {k: f"{p}class_path" for k in differing for p in classes if k.startswith(f"{p}init_args.") and any(k not in c for c in configs)}
+    differing = [k for k in differing if k not in scoped or len({(c.get(scoped[k]), c.get(k)) for c in configs}) > len({c.get(scoped[k]) for c in configs})]
+    if fewest:
+        differing = telling_keys(configs, differing)
+    short = short_names(differing)
+    settings = [{k: c.get(k, "unset") for k in differing} for c in configs]
+    labels = [",".join(f"{short[k]}={_display(k, v)}" for k, v in setting.items() if not (k in scoped and k not in c))
+              for setting, c in zip(settings, configs)]
+    return settings, labels
 
 
 def runner_of(config: dict[str, str]) -> str:
@@ -216,8 +301,10 @@ def telling_keys(configs: Sequence[dict[str, str]], keys: Sequence[str]) -> list
 
 
 def short_names(keys: Sequence[str]) -> dict[str, str]:
-    """Each dotted key shortened to its last part(s), ``init_args`` dropped, as many as keep the names apart."""
+    """Each dotted key shortened to its last part(s), ``init_args`` dropped, as many as keep the names apart; a
+    ``class_path`` is named by what it is the class of (``model.class_path`` -> ``model``)."""
     parts = {k: [p for p in k.split(".") if p != "init_args"] for k in keys}
+    parts = {k: p[:-1] if len(p) > 1 and p[-1] == "class_path" else p for k, p in parts.items()}
     short = {}
     for key in keys:
         for n in range(1, len(parts[key]) + 1):
@@ -481,7 +568,7 @@ def main(argv: Sequence[str] | None = None) -> str:
     parser = argparse.ArgumentParser(prog="python -m mgff.report", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("paths", nargs="+", metavar="RUN_DIR", help="run folders, or folders searched for runs")
     parser.add_argument("--csv", metavar="FILE", help="also write the table's numbers as CSV")
-    parser.add_argument("--compare", nargs=2, action="append", default=[], metavar=("A", "B"), help="pooled paired bootstrap of B - A (group labels); repeatable")
+    parser.add_argument("--compare", nargs=2, action="append", default=[], metavar=("A", "B"), help="pooled paired bootstrap of B - A (group labels, or a named group's settings label); repeatable")
     parser.add_argument("--plot", metavar="FILE", help="val/acc per epoch of each group (mean and range over runs) as an image")
     parser.add_argument("--samples", type=int, default=10000, help="bootstrap resamples (default 10000)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resampling")
@@ -498,12 +585,12 @@ def main(argv: Sequence[str] | None = None) -> str:
     others = other_tests_table(groups)
     if others:
         parts.append(others)
-    by_label = {g.label: g for g in groups}
+    by_label = group_index(groups)
     for label_a, label_b in args.compare:
         (label_a, variant_a), (label_b, variant_b) = (split_variant(label, by_label) for label in (label_a, label_b))
         unknown = [label for label in (label_a, label_b) if label not in by_label]
         if unknown:
-            parser.error(f"--compare: no group {', '.join(map(repr, unknown))}; the groups are {', '.join(map(repr, by_label)) or 'none'}")
+            parser.error(f"--compare: no group {', '.join(map(repr, unknown))}; the groups are {', '.join(repr(g.label) for g in groups) or 'none'}")
         try:
             parts.append(compare(by_label[label_a], by_label[label_b], samples=args.samples, seed=args.seed, variant_a=variant_a, variant_b=variant_b))
         except (FileNotFoundError, ValueError) as err:

@@ -14,9 +14,9 @@ which gives up ``gradient_clip_val``):
 
 Why the residual head's fused classifier is ``fusion``: it reads the fresh fused features, which are random at
 the start; at the classifier's 10x lr it learned on them faster than they became useful (real photos,
-EfficientNet-Lite0 at 224 px, 3 epochs: validation top-1 after the first epoch 0.39-0.45 against the linear
-head's 0.61, BENCHMARKS.md; unmeasured for Swin-B at 384 px), so the whole
-residual branch gets one lr (``fusion_lr_scale``).
+EfficientNet-Lite0 at 224 px: its validation after the first epoch stayed well below the linear head's; BENCHMARKS.md,
+"Recipe search: 3 epochs, seed 0, chosen on validation"; unmeasured for Swin-B at 384 px), so the whole residual
+branch gets one lr (``fusion_lr_scale``).
 
 Within a role, 1-D parameters (biases, norm weights, layer scales) get no weight decay. A role may also
 carry per-parameter lr scales (:func:`layer_lr_scales`: timm's layer-wise lr decay over the backbone's

@@ -53,9 +53,9 @@ class TwoStageClassifier(FineGrainedClassifier):
             ``batch["source"]``, the same view at ``data.source_size`` (uint8), the box scaled to that frame, an error
             without one. The paper cuts the object "从原始图像中" (from the original image), the name it also gives
             the network's input X, so its configs crop from the view; the source is an mgff addition. On real
-            photos (3 seeds) the model trained and tested with crops from a 448 px source beat the one with crops
-            from the 224 px view by +3.0 points merged [+1.1, +4.8], stage 2 +3.3 at test (BENCHMARKS.md, "Crop
-            from the source or from the view, over seeds"), so a source, where the data config gives one, is used.
+            photos, over seeds, the model trained and tested with crops from a 448 px source beat the one with crops
+            from the 224 px view (BENCHMARKS.md, "Crop from the source or from the view, over seeds"), so a source,
+            where the data config gives one, is used.
         localize_size: side the localiser sees: for the ViT, default its native size; for ``features``,
             ``None`` reads the maps of stage 1's own forward (free), a side re-runs the stage-1 backbone
             on the image resized to it for a finer map (cost ``(side / input side)^2`` of one stage).

@@ -1,12 +1,12 @@
 """A control for the two-stage model: one stage trained on two views of every image, tested on the full view.
 
 The two-stage model trains its shared network with two losses, one on the full view and one on the crop its
-localiser cuts; its own stage 1 scores above a single-stage model trained alone (BENCHMARKS.md). Is that the
-second loss, or the zoom? This control gets the second loss without the localiser: every training step adds a
-cross-entropy term on a *random* crop of each image (areas like the localiser's boxes, cut from the same source
-view and resized to the same side), and evaluation sees the full view only, as a single-stage model does. Its
-test top-1 against two-stage's own stage 1 says what the extra loss is worth; against two-stage merged, what the
-zoom at test adds beyond it.
+localiser cuts; its own stage 1 scores above a single-stage model trained alone. Is that the second loss, or the
+zoom? This control gets the second loss without the localiser: every training step adds a cross-entropy term on a
+*random* crop of each image (areas like the localiser's boxes, cut from the same source view and resized to the same
+side), and evaluation sees the full view only, as a single-stage model does. Its test top-1 against two-stage's own
+stage 1 says what the extra loss is worth; against two-stage merged, what the zoom at test adds beyond it
+(BENCHMARKS.md, "The second loss, or the crop?").
 """
 
 from __future__ import annotations

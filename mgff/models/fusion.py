@@ -20,9 +20,9 @@ Departure in step 7: the paper averages the super-nodes and applies "a linear cl
 ("使用线性分类器"); a LayerNorm sits between them here (``readout_norm``), as timm's heads put a norm
 before their classifier. Without it the averaged vector is small (each GCN layer and the two means
 shrink it) and, under SGD, the classifier's effective step scales with the squared norm of its input:
-on real CUB photos (EfficientNet-Lite0 at 224 px), with the head at 10x lr, it stayed near chance (val top-1
-0.19 after one epoch, the linear head 0.61; BENCHMARKS.md, which also shows that with the norm the head needs
-a lower lr).
+on real CUB photos (EfficientNet-Lite0 at 224 px), with the head at 10x lr, it stayed near chance after the first
+epoch where the linear head did not; with the norm the head trains but needs a lower lr (BENCHMARKS.md, "The plain
+head's readout norm").
 
 **The residual head (``residual=True``, the default).** The paper's claim for its GCN and pooling is that
 "这种方法的优点是可以更有效地集成每个点的特征,而不会破坏主干模型输出的结果" ("the advantage of this method is that it
@@ -45,10 +45,10 @@ So the fused path has exactly one zero factor in series (``fusion_classifier``):
 the first step, every layer behind it from the second. ``residual=False`` is the head as the paper's
 figure draws it (and as mgff had it before): the super-node readout alone feeds ``classifier``.
 
-Measured (BENCHMARKS.md "Real photos: fusion head"; EfficientNet-Lite0 at 224 px, 6 epochs, 3 seeds, 25 CUB
-classes; Swin-B at 384 px for 50 epochs is unmeasured): the residual head ties a well-trained linear head
-(+0.1 points [-1.8, +2.0]) where the plain head had lost 19 points at 3 epochs. It trained best with the
-fused path at the backbone's lr and the base path at the linear head's 10x (``fusion_lr_scale: 1``).
+Measured in BENCHMARKS.md, "Real photos: fusion head" (EfficientNet-Lite0 at 224 px, short fine-tunes, 25 CUB
+classes; Swin-B at 384 px for 50 epochs is unmeasured): the residual head ties a well-trained linear head where
+the plain head fell well behind it. It trained best with the fused path at the backbone's lr and the base path at
+the linear head's 10x (``fusion_lr_scale: 1``).
 
 **Training the two paths** (``detach_base``, the LightningModule's ``fusion_training``). Trained jointly
 (one cross-entropy on ``base + fused``, the default), the fresh fused path fits the training labels
@@ -57,8 +57,8 @@ cross-entropy, exactly as the linear head alone, and the fused path by the cross
 ``base.detach() + fused`` (the same values): it learns to correct what the base path gets wrong, as a
 boosting stage fits the residual of the stages before it. Predictions are ``base + fused`` either way.
 [not stated] in the paper: its "不会破坏主干模型输出的结果" read as a training rule. On the real photos it did
-not help (validation top-1 0.640 against 0.713 jointly, 3 epochs, seed 0): the fused correction lowered
-validation below the base path alone.
+not help: the fused correction lowered validation below the base path alone (BENCHMARKS.md, "Recipe search: 3
+epochs, seed 0, chosen on validation").
 
 **Which maps: the paper's words and this reading.** The seed (§1.4.2) says:
 "需要将每一层变换为每个特征的统一尺寸(最后一层除外)... 总共需要处理三个特征图。它们的大小分别为

@@ -3,7 +3,8 @@
 The MGFF paper finds the object with a second network:
 "使用Vision-Transformer作为辅助模型,以非常小的成本定位图像中物体的位置" ("a Vision Transformer is
 used as an auxiliary model to locate the object in the image at a very small cost"). With ViT-B that
-is 2.37x the FLOPs of one stage and 86 M frozen parameters in every checkpoint. Departure from the
+is a second large network's FLOPs and its frozen parameters in every checkpoint (BENCHMARKS.md, "CPU: 2-core Intel
+Xeon (shared), torch 2.15, 1 intra-op thread"). Departure from the
 paper: no auxiliary model. This localiser reads a response map out of the maps the stage-1
 classifier has already computed and sends it through the same map -> box -> crop code
 (:func:`~mgff.models.cropper.boxes.boxes_from_response_map`). With it the two-stage model costs
@@ -12,7 +13,8 @@ about 2x one stage and stores no second network. Four response maps, each one fu
 ``energy``     :func:`activation_energy`: the channel sum of the last map, as MMAL-Net's AOLM
                (Zhang et al., 2021) does. Meant for a post-activation (non-negative) map such as
                EfficientNet's head conv (``conv_head``/``bn2``), which ``TimmBackbone`` returns as its
-               last map; on real CUB photos that map localises best (``BENCHMARKS.md``).
+               last map; on real CUB photos that map localises best (``BENCHMARKS.md`` "Real photos:
+               localisation").
 ``refined``    :func:`refined_energy`: the ``energy`` map as the seed of a two-prototype clustering of the
                finer map before it (stride 16 where the last is stride 32), times the seed: the
                object's shape on the finer grid. Beyond AOLM, which intersects the two maps' masks.

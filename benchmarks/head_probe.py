@@ -472,14 +472,17 @@ def prediction_csv_rows(probs: Tensor, split: MapSplit, class_names: tuple[str, 
     return rows
 
 
-def write_run(run_dir: Path, name: str, seed: int, result: dict[str, Any], recipe: Recipe, maps: CachedMaps) -> None:
-    """One head and seed as a run folder ``mgff.report`` reads: ``config.yaml``, ``test_predictions.csv``,
-    ``metrics.csv`` and, last (it marks the run finished), ``metrics.json``; a diverged result writes the config
-    alone. Outputs of an earlier run in the folder are removed first."""
+def write_run(run_dir: Path, name: str, seed: int, result: dict[str, Any], recipe: Recipe, maps: CachedMaps,
+              config: dict[str, Any] | None = None) -> None:
+    """One head and seed as a run folder ``mgff.report`` reads: ``config.yaml`` (``config``, by default
+    :func:`probe_config`), ``test_predictions.csv``, ``metrics.csv`` and, last (it marks the run finished),
+    ``metrics.json``; a diverged result writes the config alone. Outputs of an earlier run in the folder are removed
+    first."""
     run_dir.mkdir(parents=True, exist_ok=True)
     for old in ("metrics.json", "test_predictions.csv", "metrics.csv"):
         (run_dir / old).unlink(missing_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(probe_config(name, seed, recipe, maps), sort_keys=False))
+    config = probe_config(name, seed, recipe, maps) if config is None else config
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     if "diverged" in result:
         return
     rows = prediction_csv_rows(result["test_probs"], maps.splits["test"], maps.class_names)

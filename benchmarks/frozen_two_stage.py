@@ -55,7 +55,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -76,7 +75,6 @@ from benchmarks.measure import describe_machine, machine_info  # noqa: E402
 from benchmarks.real_data import RealData  # noqa: E402
 from mgff.metrics.box_iou import BoxIoU  # noqa: E402
 from mgff.models.heads import HeadOutput, LinearHead  # noqa: E402
-from mgff.stats import pooled_paired_bootstrap  # noqa: E402
 
 RUN = real_photos.RUNS["lite0_two_stage"]
 DEFAULT_OUT = real_data.REPO_ROOT / "runs" / "frozen_two_stage"
@@ -378,15 +376,6 @@ def box_quality(features: Features, split: str = "test") -> dict[str, dict[str, 
     return found
 
 
-def against_baseline(results: dict[str, dict[int, dict]], name: str) -> str:
-    base = results.get(BASELINE, {})
-    pairs = [(base[s]["test_correct"], r["test_correct"]) for s, r in results[name].items() if "test_correct" in r and "test_correct" in base.get(s, {})]
-    if name == BASELINE or not pairs:
-        return "-"
-    diff, low, high = pooled_paired_bootstrap(pairs)
-    return f"{diff:+.3f} [{low:+.3f}, {high:+.3f}]"
-
-
 def report(results: dict[str, dict[int, dict]], features: Features, recipe: Recipe, seeds: list[int], command: str, machine: str, total_s: float) -> str:
     splits = features.splits
     where = (f"computed in {features.seconds:.0f} s" if features.source == "computed"
@@ -407,22 +396,14 @@ def report(results: dict[str, dict[int, dict]], features: Features, recipe: Reci
     for name, by_seed in results.items():
         done = [r for r in by_seed.values() if "test_acc" in r]
         lines.append(f"| {name} | {len(done)} | {head_probe.mean_sd([r['test_acc'] for r in done])} | "
-                     f"{' / '.join(format(r['test_acc'], '.3f') for r in done)} | {against_baseline(results, name)} | "
+                     f"{' / '.join(format(r['test_acc'], '.3f') for r in done)} | {head_probe.against_baseline(results, name, BASELINE)} | "
                      f"{head_probe.mean_sd([r['best_val_acc'] for r in done])} | {HEADS[name].note} |")
     return "\n".join(lines) + "\n"
 
 
-def parse_heads(text: str) -> list[str]:
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    unknown = [n for n in names if n not in HEADS]
-    if unknown or not names:
-        raise SystemExit(f"--heads: unknown head(s) {unknown or text!r}; known: {', '.join(HEADS)}")
-    return list(dict.fromkeys(names))
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--heads", type=parse_heads, default=list(DEFAULT_HEADS), help=f"comma-separated of {','.join(HEADS)} (default: all)")
+    parser.add_argument("--heads", type=lambda text: head_probe.parse_heads(text, HEADS), default=list(DEFAULT_HEADS), help=f"comma-separated of {','.join(HEADS)} (default: all)")
     parser.add_argument("--seeds", type=real_photos.parse_seeds, default=[0, 1, 2, 3, 4], help="training seeds (default 0,1,2,3,4); the split stays fixed")
     parser.add_argument("--epochs", type=int, default=Recipe.epochs)
     parser.add_argument("--lr", type=float, default=Recipe.lr)

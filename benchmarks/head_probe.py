@@ -506,11 +506,11 @@ def mean_sd(values: list[float]) -> str:
     return f"{values[0]:.3f}" if len(values) == 1 else f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
-def against_baseline(results: dict[str, dict[int, dict]], name: str) -> str:
-    """``acc(name) - acc(linear)`` with its pooled paired 95 % interval over the seeds both finished."""
-    base = results.get(BASELINE, {})
+def against_baseline(results: dict[str, dict[int, dict]], name: str, baseline: str = BASELINE) -> str:
+    """``acc(name) - acc(baseline)`` with its pooled paired 95 % interval over the seeds both finished."""
+    base = results.get(baseline, {})
     pairs = [(base[s]["test_correct"], r["test_correct"]) for s, r in results[name].items() if "test_correct" in r and "test_correct" in base.get(s, {})]
-    if name == BASELINE or not pairs:
+    if name == baseline or not pairs:
         return "-"
     diff, low, high = pooled_paired_bootstrap(pairs)
     return f"{diff:+.3f} [{low:+.3f}, {high:+.3f}]"
@@ -562,11 +562,12 @@ def write_outputs(out: Path, text: str, results: dict[str, dict[int, dict]], pay
     (out / "results.json").write_text(json.dumps(dict(payload, results={n: {str(s): r for s, r in b.items()} for n, b in results.items()}), indent=1) + "\n")
 
 
-def parse_heads(text: str) -> list[str]:
+def parse_heads(text: str, known: dict[str, Any] = HEADS) -> list[str]:
+    """``--heads a,b``: the names, each once, all of them keys of ``known``."""
     names = [n.strip() for n in text.split(",") if n.strip()]
-    unknown = [n for n in names if n not in HEADS]
+    unknown = [n for n in names if n not in known]
     if unknown or not names:
-        raise SystemExit(f"--heads: unknown head(s) {unknown or text!r}; known: {', '.join(HEADS)}")
+        raise SystemExit(f"--heads: unknown head(s) {unknown or text!r}; known: {', '.join(known)}")
     return list(dict.fromkeys(names))
 
 

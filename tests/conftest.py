@@ -28,3 +28,17 @@ def cub_copy(cub_root, tmp_path) -> Path:
     target = tmp_path / "CUB_200_2011"
     shutil.copytree(cub_root, target)
     return target
+
+
+@pytest.fixture(scope="session")
+def weights(tmp_path_factory) -> Path:
+    """Anyone's EfficientNet-Lite0 weights for the real-photo benchmarks' tests: a random state dict under timm's
+    names (seed 0, the global generators left as they were), saved as .safetensors."""
+    import timm
+    from safetensors.torch import save_file
+
+    path = tmp_path_factory.mktemp("weights") / "lite0.safetensors"
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        save_file(timm.create_model("efficientnet_lite0").state_dict(), path)
+    return path

@@ -18,9 +18,7 @@ import sys
 from pathlib import Path
 
 import pytest
-import timm
 import torch
-from safetensors.torch import save_file
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # benchmarks/ is a folder of scripts, not an installed package
@@ -59,14 +57,6 @@ def test_a_root_that_does_not_exist_is_named(name, tmp_path):
     extra = ["--checkpoint", str(tmp_path / "none.ckpt")] if name == "real_photos_two_stage" else []
     with pytest.raises(SystemExit, match=rf"--root {nowhere}"):
         SCRIPTS[name].main(["--root", str(nowhere)] + extra)
-
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory) -> Path:
-    """Anyone's EfficientNet-Lite0 weights: a random state dict under timm's names."""
-    path = tmp_path_factory.mktemp("weights") / "lite0.safetensors"
-    save_file(timm.create_model("efficientnet_lite0").state_dict(), path)
-    return path
 
 
 def runner_checkpoint(path: Path, cub_root: Path, weights: Path, **overrides) -> Path:

@@ -18,9 +18,7 @@ import sys
 from pathlib import Path
 
 import pytest
-import timm
 import torch
-from safetensors.torch import save_file
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # benchmarks/ is a folder of scripts, not an installed package
@@ -35,14 +33,6 @@ NUM_IMAGES = 24
 # the view the quick runs score boxes in, and the source view their finer maps are read from
 VIEW = ["--resize", "72", "--crop", "64", "--source-size", "128"]
 SINGLE_STAGE_SIDE = 96  # the tiny single-stage checkpoint's img_size: neither the view's side nor the source's
-
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory) -> Path:
-    """Anyone's EfficientNet-Lite0 weights: a random state dict under timm's names."""
-    path = tmp_path_factory.mktemp("weights") / "lite0.safetensors"
-    save_file(timm.create_model("efficientnet_lite0").state_dict(), path)
-    return path
 
 
 def source_args(cub_root: Path, weights: Path) -> list[str]:

@@ -10,10 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import timm
 import torch
 import yaml
-from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import frozen_two_stage as fts  # noqa: E402
@@ -23,15 +21,6 @@ from mgff.models.heads import LinearHead  # noqa: E402
 # the config at 64 px with a 128 px source (maps 1280x2x2 and 4x4), so the benchmark takes seconds
 TINY = ("--model.init_args.img_size=64", "--model.init_args.crop_size=64", "--data.init_args.resize_size=72",
         "--data.init_args.crop_size=64", "--data.init_args.source_size=128")
-
-
-@pytest.fixture
-def weights(tmp_path) -> Path:
-    """Anyone's EfficientNet-Lite0 weights: a random state dict saved as .safetensors."""
-    path = tmp_path / "lite0.safetensors"
-    torch.manual_seed(0)
-    save_file(timm.create_model("efficientnet_lite0").state_dict(), path)
-    return path
 
 
 def args_for(root: Path, weights: Path, tmp_path: Path, *more: str) -> list[str]:

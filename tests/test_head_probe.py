@@ -13,10 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import timm
 import torch
 import yaml
-from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import head_probe, real_data, real_photos  # noqa: E402
@@ -32,15 +30,6 @@ def at_side(side: int, resize: int) -> real_photos.Run:
 def tiny_inputs(monkeypatch):
     """The runner's data and model at 64 px (maps 40x8x8, 112x4x4, 1280x2x2), so the probe takes seconds."""
     monkeypatch.setattr(head_probe, "PROBE_RUN", at_side(64, 72))
-
-
-@pytest.fixture
-def weights(tmp_path) -> Path:
-    """Anyone's EfficientNet-Lite0 weights: a random state dict saved as .safetensors."""
-    path = tmp_path / "lite0.safetensors"
-    torch.manual_seed(0)
-    save_file(timm.create_model("efficientnet_lite0").state_dict(), path)
-    return path
 
 
 def probe_args(root: Path, weights: Path, tmp_path: Path, *more: str) -> list[str]:

@@ -16,10 +16,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import timm
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import real_data, real_photos  # noqa: E402
@@ -34,14 +33,6 @@ DICT_RUNNER_MODEL = dict(backbone="efficientnet_lite0", img_size=224, stages=[2,
                          weight_decay=5e-4, warmup_epochs=0.0, scheduler_interval="step", dropout=0.1, label_smoothing=0.0,
                          fusion_lr_scale=None, bn_mode="train", freeze_backbone_epochs=0)
 DICT_RUNNER_DATA = dict(batch_size=32, resize_size=256, crop_size=224, val_fraction=0.2, split_seed=0, num_workers=0)
-
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory) -> Path:
-    """Anyone's EfficientNet-Lite0 weights: a random state dict under timm's names, saved as .safetensors."""
-    path = tmp_path_factory.mktemp("weights") / "lite0.safetensors"
-    save_file(timm.create_model("efficientnet_lite0").state_dict(), path)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -117,8 +117,9 @@ def test_sweep_runs_of_two_model_classes_and_stacked_ablations_are_named_by_thei
 
 
 def test_a_settings_label_of_a_two_group_sweep_keeps_working_in_compare(tmp_path):
-    """README: ``--compare use_se=true use_se=false`` on a sweep of demo.yaml and demo.yaml+no_se.yaml (here full.yaml and
-    its no_gcn ablation): the groups are labelled ``full`` and ``full+no_gcn``, and also answer to their settings."""
+    """A sweep of a config and its ablation (here full.yaml and its no_gcn ablation; the README's demo.yaml and
+    demo.yaml+no_se.yaml): the groups are labelled ``full`` and ``full+no_gcn``, and also answer to their settings,
+    as ``--compare use_se=true use_se=false`` did before sweep groups had names."""
     out = sweep(tmp_path / "sweep", ("full", "no_gcn"))
     text = report_main([str(out), "--compare", "use_gcn=true", "use_gcn=false", "--samples", "500"])
     assert table_labels(text) == ["full", "full+no_gcn"]

@@ -38,9 +38,9 @@ SPECS = {
     "full": (["experiments/lite0/full.yaml"], config(TWO_STAGE, data={"source_size": 448}, model={"head": "mgff"})),
     "no_gcn": (["experiments/lite0/full.yaml", "experiments/ablation/no_gcn.yaml"],
                config(TWO_STAGE, data={"source_size": 448}, model={"head": "mgff", "use_gcn": False})),
-    # single_stage.yaml sets the class alone: the stage classifier of full.yaml, its data unchanged
+    # single_stage.yaml sets the class and drops the source view: the stage classifier of full.yaml
     "single_stage": (["experiments/lite0/full.yaml", "experiments/ablation/single_stage.yaml"],
-                     config(SINGLE, data={"source_size": 448}, model={"head": "mgff"})),
+                     config(SINGLE, model={"head": "mgff"})),
 }
 
 #: per folder and seed, which of the 4 test images the run got right
@@ -89,7 +89,7 @@ SETTINGS = {
     "no_gcn": "crop_size=224,source_size=448,model=TwoStageClassifier,head=mgff,use_gcn=false",
     "single": "crop_size=224,source_size=null,model=FineGrainedClassifier,head=linear,use_gcn=true",
     "single_equal_flops": "crop_size=352,source_size=null,model=FineGrainedClassifier,head=linear,use_gcn=true",
-    "single_stage": "crop_size=224,source_size=448,model=FineGrainedClassifier,head=mgff,use_gcn=true",
+    "single_stage": "crop_size=224,source_size=null,model=FineGrainedClassifier,head=mgff,use_gcn=true",
     "two_stage": "crop_size=224,source_size=448,model=TwoStageClassifier,head=linear,use_gcn=true",
 }
 

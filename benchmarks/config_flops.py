@@ -13,8 +13,10 @@ config's: the side ``experiments/lite0/single_equal_flops.yaml`` is written with
     python benchmarks/config_flops.py experiments/lite0/full.yaml --match experiments/lite0/single.yaml
     python benchmarks/config_flops.py experiments/lite0/two_stage.yaml experiments/lite0/single.yaml
     python benchmarks/config_flops.py experiments/lite0/full.yaml -- --data.init_args.root /data/CUB_200_2011
+    python benchmarks/config_flops.py experiments/lite0/full.yaml experiments/lite0/full.yaml+experiments/ablation/no_gcn.yaml
 
-Arguments after ``--`` are CLI overrides given to every config.
+A config ``a.yaml+b.yaml`` stacks configs as ``mgff.sweep`` does (``--config a.yaml --config b.yaml``). Arguments
+after ``--`` are CLI overrides given to every config.
 
 The initial pretrained weights are not read (they do not change FLOPs); the data root must exist (the number of
 classes comes from it).
@@ -35,11 +37,14 @@ if __package__ in (None, ""):
 from benchmarks.measure import count_flops  # noqa: E402
 from mgff.cli import MGFFCLI  # noqa: E402
 from mgff.models.pretrained import skip_pretrained_weights  # noqa: E402
+from mgff.sweep import STACK, parse_config_spec  # noqa: E402
 
 
 def build(config: str | Path, overrides: Sequence[str] = ()) -> tuple[Any, Any]:
-    """``(model, datamodule)`` of ``config`` plus CLI ``overrides``, as ``mgff.fit`` builds them (no weights read)."""
-    args = ["--config", str(config), "--trainer.logger", "false", *overrides]
+    """``(model, datamodule)`` of ``config`` (``a.yaml+b.yaml`` stacks) plus CLI ``overrides``, as ``mgff.fit``
+    builds them (no weights read)."""
+    stacked = [a for part in parse_config_spec(str(config)) for a in ("--config", str(part))]
+    args = [*stacked, "--trainer.logger", "false", *overrides]
     with skip_pretrained_weights():
         cli = MGFFCLI(run=False, args=args)
     return cli.model, cli.datamodule
@@ -72,7 +77,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
     argv, overrides = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("configs", nargs="+", help="configs to measure (the first is the one --match compares with)")
+    parser.add_argument("configs", nargs="+", help=f"configs to measure (the first is the one --match compares with); 'a.yaml{STACK}b.yaml' stacks configs")
     parser.add_argument("--match", help="a single-stage config: find the input side whose FLOPs equal the first config's")
     parser.add_argument("--sides", default="224,256,288,320,352,384,416,448", help="sides tried by --match (comma separated)")
     args = parser.parse_args(argv)

@@ -34,3 +34,12 @@ def test_the_matched_side_is_the_one_closest_to_the_target(on_generated_photos):
     assert match["side"] == min(match["sides"], key=lambda s: abs(match["sides"][s] - match["target"]))
     assert match["sides"][224] < match["sides"][320] < match["sides"][352] < match["sides"][384]  # grows with the side
     assert match["side"] == 352  # what single_equal_flops.yaml says
+
+
+def test_a_stacked_ablation_is_measured_as_the_sweep_stacks_it(on_generated_photos):
+    full = str(LITE0 / "full.yaml")
+    ablation = LITE0.parent / "ablation"
+    no_gcn, single_stage = (f"{full}+{ablation / name}" for name in ("no_gcn.yaml", "single_stage.yaml"))
+    flops = main([full, no_gcn, single_stage] + on_generated_photos)
+    assert flops[no_gcn] < flops[full]  # the GCN's FLOPs are gone, the rest stays
+    assert flops[single_stage] == pytest.approx(flops[full] / 2, rel=0.05)  # one of the two stages

@@ -87,16 +87,10 @@ def test_tuned_variant_changes_only_the_recipe(parse):
     assert (base_data["source_size"], tuned_data["source_size"], tuned["crop_from"]) == (None, 768, "auto")
 
 
-def test_the_single_stage_ablation_drops_only_the_source_view_and_the_second_stage():
+def test_the_single_stage_ablation_drops_only_the_source_view_and_the_second_stage(parse):
     """Stacked on a two-stage config that crops from a source view, the single-stage ablation keeps every data
     setting but the source view (only stage 2 reads it) and every shared model setting."""
-    cli = ParseOnlyCLI(run=False, args=["--config", str(EXPERIMENTS / "lite0/full.yaml")])
-
-    def parsed(*variants: str) -> dict:
-        args = ["--config", str(EXPERIMENTS / "lite0/full.yaml")]
-        return cli.parser.parse_args(args + [a for v in variants for a in ("--config", str(EXPERIMENTS / v))]).as_dict()
-
-    full, single = parsed(), parsed("ablation/single_stage.yaml")
+    full, single = parse("lite0/full", None), parse("lite0/full", "ablation/single_stage.yaml")
     full_data, single_data = full["data"]["init_args"], single["data"]["init_args"]
     assert (full_data["source_size"], single_data["source_size"]) == (448, None)
     assert {k: v for k, v in full_data.items() if k != "source_size"} == {k: v for k, v in single_data.items() if k != "source_size"}

@@ -47,8 +47,8 @@ figure draws it (and as mgff had it before): the super-node readout alone feeds 
 
 Measured in BENCHMARKS.md, "Real photos: fusion head" (short fine-tunes) and "The ablations of `full.yaml`"
 (converged; both EfficientNet-Lite0 at 224 px on 25 CUB classes, Swin-B at 384 px for 50 epochs is unmeasured):
-the residual head ties a well-trained linear head where the plain head falls behind both. It trained best with the fused path at the backbone's lr and the base path at
-the linear head's 10x (``fusion_lr_scale: 1``).
+the residual head ties a well-trained linear head where the plain head falls behind both. It trained best with
+the fused path at the backbone's lr and the base path at the linear head's 10x (``fusion_lr_scale: 1``).
 
 **Training the two paths** (``detach_base``, the LightningModule's ``fusion_training``). Trained jointly
 (one cross-entropy on ``base + fused``, the default), the fresh fused path fits the training labels
